@@ -1,0 +1,50 @@
+"""Request scope and partition, carried by context variables.
+
+A scope is a per-request memo for Batchers made with ``cache="scope"``; the partition is what
+a batch function asks ``current_partition()`` for while it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+__all__ = ["current_partition", "in_scope", "scope"]
+
+# One memo per scope: the Batcher core -> {identity: entry}. A plain dict is enough: a scope
+# lives as long as one request, so it can hold its cores strongly.
+_scope_memo: ContextVar[dict[Any, dict[Hashable, Any]] | None] = ContextVar(
+    "batchsync_scope", default=None
+)
+_partition: ContextVar[Hashable] = ContextVar("batchsync_partition", default=None)
+
+
+@contextmanager
+def scope() -> Iterator[None]:
+    """Open a request scope for the current thread (or asyncio task).
+
+    Batchers made with ``cache="scope"`` memoize their results only inside a scope; the memo
+    is dropped when the ``with`` block ends. Scopes nest: an inner scope starts empty and the
+    outer one is back in force after it.
+    """
+    token = _scope_memo.set({})
+    try:
+        yield
+    finally:
+        _scope_memo.reset(token)
+
+
+def in_scope() -> bool:
+    """Return True when the calling context is inside a ``scope()``."""
+    return _scope_memo.get() is not None
+
+
+def current_partition() -> Hashable:
+    """Return the partition of the batch call that is running (None outside one, or unpartitioned).
+
+    A Batcher made with ``partition=fn`` sends keys of different partitions in different calls;
+    its batch function calls this to learn which partition (tenant, user) the call serves.
+    """
+    return _partition.get()

@@ -1,0 +1,165 @@
+"""Cost of the batching layer itself, against baselines measured in the same run.
+
+    python benchmarks/bench_core.py [--keys 100000] [--repeat 5]
+
+Prints, per key over --keys keys with a trivial batch function:
+  * future   : create, resolve and read one bare concurrent.futures.Future (the baseline)
+  * get_many : Batcher.get_many(keys)
+  * load_many: Batcher.load_many(keys), then .result() of each
+  * aiodataloader: DataLoader.load_many(keys) awaited in asyncio (if installed)
+and the throughput of 64 threads each calling Batcher.get 1,000 times, with the batch sizes.
+Each figure is the best of --repeat runs (the least disturbed by other load on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from batchsync import Batcher
+
+
+def trivial(keys: list[int]) -> list[int]:
+    return keys
+
+
+def best(fn: Callable[[], float], repeat: int) -> float:
+    return min(fn() for _ in range(repeat))
+
+
+def bench_future(n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        f: Future[int] = Future()
+        f.set_result(i)
+        f.result()
+    return (time.perf_counter() - start) / n
+
+
+def bench_get_many(n: int) -> float:
+    keys = list(range(n))
+    with Batcher(trivial) as b:
+        start = time.perf_counter()
+        values = b.get_many(keys)
+        elapsed = time.perf_counter() - start
+    assert values == keys
+    return elapsed / n
+
+
+def bench_load_many(n: int) -> float:
+    keys = list(range(n))
+    with Batcher(trivial) as b:
+        start = time.perf_counter()
+        values = [f.result() for f in b.load_many(keys)]
+        elapsed = time.perf_counter() - start
+    assert values == keys
+    return elapsed / n
+
+
+def bench_aiodataloader(n: int) -> float | None:
+    try:
+        from aiodataloader import DataLoader
+    except ImportError:
+        return None
+
+    async def batch(keys: list[int]) -> list[int]:
+        return keys
+
+    async def run() -> float:
+        loader = DataLoader(batch, max_batch_size=500, cache=False)
+        keys = list(range(n))
+        start = time.perf_counter()
+        values = await loader.load_many(keys)
+        elapsed = time.perf_counter() - start
+        assert list(values) == keys
+        return elapsed / n
+
+    return asyncio.run(run())
+
+
+def bench_threads(threads: int, per_thread: int) -> dict[str, float]:
+    b = Batcher(trivial, name="bench")
+    barrier = threading.Barrier(threads + 1)
+
+    def worker(seed: int) -> None:
+        barrier.wait()
+        for i in range(per_thread):
+            key = (seed * 7919 + i) % 5000
+            if b.get(key) != key:
+                raise AssertionError("wrong value")
+
+    pool = [threading.Thread(target=worker, args=(s,)) for s in range(threads)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    b.close()
+    s = b.stats()
+    return {
+        "gets_per_s": threads * per_thread / elapsed,
+        "batches": s.batches,
+        "mean_batch_size": s.mean_batch_size,
+        "coalescing_rate": s.coalescing_rate,
+        "deduplicated": s.deduplicated,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--keys", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=64)
+    ap.add_argument("--per-thread", type=int, default=1000)
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+    n, r = args.keys, args.repeat
+    fut = best(lambda: bench_future(n), r)
+    gm = best(lambda: bench_get_many(n), r)
+    lm = best(lambda: bench_load_many(n), r)
+    aio_runs = [bench_aiodataloader(n) for _ in range(r)]
+    aio = None if aio_runs[0] is None else min(x for x in aio_runs if x is not None)
+    thr = bench_threads(args.threads, args.per_thread)
+    out = {
+        "python": sys.version.split()[0],
+        "keys": n,
+        "us_per_key": {
+            "future_baseline": fut * 1e6,
+            "get_many": gm * 1e6,
+            "load_many": lm * 1e6,
+            "aiodataloader_load_many": None if aio is None else aio * 1e6,
+        },
+        "get_many_vs_future": gm / fut,
+        "aiodataloader_vs_get_many": None if aio is None else aio / gm,
+        "threads": {"threads": args.threads, "gets_per_thread": args.per_thread, **thr},
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"Python {out['python']}, {n:,} keys, best of {r} runs")
+    print(f"  bare Future create+resolve+read : {fut * 1e6:6.2f} us/key  (baseline)")
+    print(f"  Batcher.get_many                : {gm * 1e6:6.2f} us/key  ({gm / fut:.2f}x baseline)")
+    print(f"  Batcher.load_many + result()    : {lm * 1e6:6.2f} us/key  ({lm / fut:.2f}x baseline)")
+    if aio is not None:
+        print(
+            f"  aiodataloader load_many         : {aio * 1e6:6.2f} us/key  "
+            f"(get_many is {aio / gm:.2f}x faster)"
+        )
+    print(
+        f"{args.threads} threads x {args.per_thread} get(): {thr['gets_per_s']:,.0f} gets/s, "
+        f"{thr['batches']:,} batches, mean batch size {thr['mean_batch_size']:.1f}, "
+        f"coalescing rate {thr['coalescing_rate']:.1%}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
