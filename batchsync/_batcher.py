@@ -129,8 +129,7 @@ class Batcher(Generic[K, V]):
 
     def get(self, key: K, timeout: float | None = None) -> V | None:
         """Return the value of key, waiting at most timeout seconds (TimeoutError after)."""
-        check_timeout(timeout)
-        return self._core.get_many((key,), timeout)[0]
+        return self._core.get_many((key,), check_timeout(timeout))[0]
 
     def get_many(self, keys: Iterable[K], timeout: float | None = None) -> list[V | None]:
         """Return the values of keys in order: all are queued first, so they share batches.
@@ -138,8 +137,7 @@ class Batcher(Generic[K, V]):
         Raises the first failed key's exception (in key order), or TimeoutError when the
         values are not all there within timeout seconds.
         """
-        check_timeout(timeout)
-        return self._core.get_many(_as_seq(keys), timeout)
+        return self._core.get_many(_as_seq(keys), check_timeout(timeout))
 
     def flush(self) -> None:
         """Send what is queued now, without waiting for the window to close."""
@@ -172,8 +170,7 @@ class Batcher(Generic[K, V]):
         Idempotent. With a timeout, return within it: keys still queued or in flight by then
         fail with BatcherClosed. After close(), load and get raise BatcherClosed.
         """
-        check_timeout(timeout)
-        self._core.close(timeout)
+        self._core.close(check_timeout(timeout))
 
     def stats(self) -> Stats:
         """Return a frozen snapshot of the counters."""

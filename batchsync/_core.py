@@ -17,6 +17,7 @@ instead of being sent twice. Waiters are either ``_LoadFuture`` objects (``load`
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import threading
@@ -37,11 +38,11 @@ _MISSING: Any = object()
 
 
 class _Tls(threading.local):
-    # ``worker`` marks batchsync's own threads: a blocking call made there (from a batch
-    # function or a future callback) runs the batches it needs itself instead of waiting for
-    # a worker, which may be this very thread. ``running`` holds the chunks this thread is
-    # computing, to tell a true cycle from an ordinary wait.
-    worker = False
+    # ``worker`` marks batchsync's own threads, ``running`` holds the chunks this thread is
+    # computing right now. A blocking call made from either (a batch function, or a future
+    # callback on a worker) runs the batches it needs itself instead of waiting for a slot
+    # that it may occupy itself; ``running`` also tells a true cycle from an ordinary wait.
+    worker: bool = False
     running: list[list[_Entry]] | None = None
 
 
@@ -99,13 +100,13 @@ class _LoadFuture(Future[V]):
     def result(self, timeout: float | None = None) -> V:
         core, entry = self._core, self._entry
         if core is not None and entry is not None and not self.done():
-            core.prepare_wait(entry, self.done)
+            core.await_entries([entry], self.done, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         core, entry = self._core, self._entry
         if core is not None and entry is not None and not self.done():
-            core.prepare_wait(entry, self.done)
+            core.await_entries([entry], self.done, timeout)
         return super().exception(timeout)
 
 
@@ -119,7 +120,7 @@ def _resolved(value: Any, failed: bool) -> _LoadFuture[Any]:
 
 
 def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -> None:
-    """Resolve futures and open latches; called with no batchsync lock held."""
+    """Resolve futures and open latches; called with no batchsync lock held. Never raises."""
     for latch in latches:
         latch.open()
     for fut, entry in futures:
@@ -130,6 +131,8 @@ def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -
                 fut.set_result(entry.value)
         except InvalidStateError:
             pass  # cancelled by its caller while still queued: nobody wants the value
+        except BaseException:  # a done-callback raised past Future's own `except Exception`
+            logger.exception("batchsync: a future's done-callback raised")
 
 
 class _Core(Generic[K, V]):
@@ -173,7 +176,8 @@ class _Core(Generic[K, V]):
         self._closing = False
         self._workers: list[threading.Thread] = []
         self._cache: dict[Hashable, Any] = {}
-        self._running = 0
+        self._running = 0  # keys in flight
+        self._active = 0  # chunks in flight: slots taken of max_concurrency
         self._loads = self._cache_hits = self._deduplicated = 0
         self._batches = self._keys = self._failed_batches = 0
         self._largest = self._coalesced = 0
@@ -247,7 +251,8 @@ class _Core(Generic[K, V]):
                 if entry is None:
                     entry = self._find_locked(mkey, memo)
                     if entry is None:
-                        entry = self._enqueue_locked(key, ident, mkey, part, memo)
+                        # An eager caller closes the window itself right after this.
+                        entry = self._enqueue_locked(key, ident, mkey, part, memo, not self.eager)
                     if entry.state != _DONE:
                         entry.waiters.append(latch)
                         waited.append(entry)
@@ -256,17 +261,10 @@ class _Core(Generic[K, V]):
                     self._deduplicated += 1
                 slots.append(entry)
             latch.remaining = len(waited)
-            if waited:
-                if not self._workers:
-                    self._start_workers_locked()
-                if self.eager and self._due < len(self._queue):
-                    # The caller blocks from here on: nothing is gained by holding its keys
-                    # for the rest of the window. See _wait_chunk_locked.
-                    self._due = len(self._queue)
-                    self._cond.notify()
+            if waited and not self._workers:
+                self._start_workers_locked()
         if waited:
-            if _tls.worker:
-                self._help(waited, lambda: latch.remaining == 0)
+            self.await_entries(waited, lambda: latch.remaining == 0, timeout)
             if not latch.wait(timeout):
                 raise TimeoutError(f"batchsync: no result within {timeout} s")
         out: list[V | None] = []
@@ -318,6 +316,7 @@ class _Core(Generic[K, V]):
         mkey: Hashable,
         part: Hashable,
         memo: dict[Hashable, Any] | None,
+        notify: bool = True,
     ) -> _Entry:
         entry = _Entry(key, ident, mkey, part)
         self._entries[mkey] = entry
@@ -329,7 +328,8 @@ class _Core(Generic[K, V]):
         if waiting == 1:
             # The window opens: a worker starts timing it.
             self._deadline = time.monotonic() + self.window
-            self._cond.notify()
+            if notify:
+                self._cond.notify()
         elif waiting >= self.max_batch_size:
             self._due = len(queue)
             self._cond.notify()
@@ -337,19 +337,38 @@ class _Core(Generic[K, V]):
 
     # -- waiting -----------------------------------------------------------------------------
 
-    def prepare_wait(self, entry: _Entry, done: Callable[[], bool]) -> None:
-        """Get ready for a caller about to block on entry (see _LoadFuture).
+    def await_entries(
+        self, entries: list[_Entry], done: Callable[[], bool], timeout: float | None
+    ) -> None:
+        """Do what helps before a caller blocks on entries; the caller then waits for done().
 
-        On an ordinary thread this closes the window (when eager). On a batchsync worker it
-        runs the queued chunks itself; see _help.
+        Inside a batch function (or on a worker thread): run the queued chunks here, see
+        _help. On an ordinary thread, when eager: close the window, then, with no timeout to
+        honour, run due chunks on this thread while a slot is free and the caller's own keys
+        are still queued; hand what is left to a worker (see _wait_chunk_locked).
         """
-        if _tls.worker:
-            self._help([entry], done)
-        elif self.eager and entry.state == _QUEUED:
-            with self._lock:  # critical section: close the window for a waiting caller
-                if self._due < len(self._queue):
-                    self._due = len(self._queue)
-                    self._cond.notify()
+        if _tls.worker or _tls.running:
+            self._help(entries, done)
+            return
+        if not self.eager:
+            return
+        inline = timeout is None  # with a timeout a worker runs it, so the caller can leave
+        i, n = 0, len(entries)
+        while True:
+            while i < n and entries[i].state != _QUEUED:
+                i += 1
+            chunk = None
+            with self._lock:  # critical section: close the window, take a chunk or hand over
+                self._due = len(self._queue)
+                if self._due and self._active < self.max_concurrency:
+                    if inline and i < n:
+                        chunk = self._take_locked()
+                    else:
+                        self._cond.notify()
+            if chunk is None:
+                return
+            if chunk:
+                self._run(chunk, wake=False)
 
     def _help(self, entries: list[_Entry], done: Callable[[], bool]) -> None:
         """Run queued chunks on this (worker) thread until done() or nothing is left to run.
@@ -360,6 +379,7 @@ class _Core(Generic[K, V]):
         """
         while not done():
             with self._lock:  # critical section: take a chunk to run on this thread
+                # No slot check: a nested call borrows the slot of the call it runs in.
                 self._due = len(self._queue)
                 chunk = self._take_locked() if self._due else None
             if chunk is not None:
@@ -394,7 +414,10 @@ class _Core(Generic[K, V]):
                 chunk = self._wait_chunk_locked()
             if chunk is None:
                 return
-            self._run(chunk)
+            try:
+                self._run(chunk)
+            except BaseException:  # _run catches the batch function's errors; this is a bug
+                logger.exception("batchsync %s: internal error in a worker", self.name)
 
     def _wait_chunk_locked(self) -> list[_Entry] | None:
         # When is a batch dispatched? This is the one subtle decision of the design.
@@ -412,13 +435,18 @@ class _Core(Generic[K, V]):
         # worker is busy, due keys pile up and the next free worker sends them together, so
         # keys coalesce exactly when the database is the bottleneck, and a lone request pays
         # no window. Futures nobody waits on yet (load without result) still ride the window.
+        # A waiting caller with no timeout may run the chunk itself, in its own thread, when
+        # a slot (max_concurrency) is free: that saves two thread switches per batch, most
+        # of the layer's cost for a lone request. Workers and callers share the slots.
         while True:
-            if self._due:
+            if self._due and self._active < self.max_concurrency:
                 chunk = self._take_locked()
                 if chunk:
                     return chunk
                 continue
-            if self._queue:
+            if self._due:
+                self._cond.wait()  # every slot is busy: _finish notifies when one frees
+            elif self._queue:
                 if self._closing:
                     self._due = len(self._queue)
                     continue
@@ -426,7 +454,7 @@ class _Core(Generic[K, V]):
                 if delay <= 0:
                     self._due = len(self._queue)
                     continue
-                self._cond.wait(delay)
+                self._cond.wait(min(delay, threading.TIMEOUT_MAX))
             elif self._closing:
                 return None
             else:
@@ -471,6 +499,7 @@ class _Core(Generic[K, V]):
                 del self._entries[entry.mkey]
         if live:
             n = len(live)
+            self._active += 1
             self._batches += 1
             self._keys += n
             self._running += n
@@ -478,29 +507,31 @@ class _Core(Generic[K, V]):
                 self._coalesced += n
             if n > self._largest:
                 self._largest = n
-        if self._due:
+        if self._due and self._active < self.max_concurrency:
             self._cond.notify()  # more due chunks: another free worker may take one
         return live
 
-    def _run(self, chunk: list[_Entry]) -> None:
+    def _run(self, chunk: list[_Entry], wake: bool = True) -> None:
         """Call the batch function for one chunk and deliver its outcome; never raises."""
         keys = [e.key for e in chunk]
         running = _tls.running
         if running is None:
             running = _tls.running = []
         running.append(chunk)
-        token = _partition.set(chunk[0].partition) if self.partition_fn is not None else None
+        # A fresh, empty context: the call serves many callers, so it must see none of
+        # their context variables (request scope, app context), wherever it runs.
+        context = contextvars.Context()
+        if self.partition_fn is not None:
+            context.run(_partition.set, chunk[0].partition)
         error: BaseException | None = None
         values: Sequence[Any] = ()
         started = time.perf_counter()
         try:
-            values = self._match(chunk, self.batch_fn(keys))
+            values = self._match(chunk, context.run(self.batch_fn, keys))
         except BaseException as exc:  # delivered to the chunk's callers, never fatal here
             error = exc
         finally:
             running.pop()
-            if token is not None:
-                _partition.reset(token)
         elapsed = time.perf_counter() - started
         if error is not None:
             logger.error(
@@ -512,7 +543,7 @@ class _Core(Generic[K, V]):
             )
         elif logger.isEnabledFor(logging.DEBUG):
             logger.debug("batchsync %s: batch of %d keys in %.6f s", self.name, len(chunk), elapsed)
-        self._finish(chunk, values, error)
+        self._finish(chunk, values, error, wake)
 
     def _match(self, chunk: list[_Entry], result: object) -> Sequence[Any]:
         """Return one value (or exception instance) per entry; BatchError on a broken contract."""
@@ -533,6 +564,10 @@ class _Core(Generic[K, V]):
                     f"batchsync: batch function of {self.name!r} returned {len(result)} items "
                     f"for {len(chunk)} keys; a Sequence result needs one item per key, in order"
                 )
+            if not isinstance(result, (list, tuple)):
+                # Any other Sequence is read here, inside the caller's try: an item that
+                # raises fails the call instead of the delivery.
+                result = [result[i] for i in range(len(chunk))]
             return result
         raise BatchError(
             f"batchsync: batch function of {self.name!r} returned {type(result).__name__}; "
@@ -540,7 +575,11 @@ class _Core(Generic[K, V]):
         )
 
     def _finish(
-        self, chunk: list[_Entry], values: Sequence[Any], error: BaseException | None
+        self,
+        chunk: list[_Entry],
+        values: Sequence[Any],
+        error: BaseException | None,
+        wake: bool,
     ) -> None:
         futures: list[tuple[Future[Any], _Entry]] = []
         latches: list[_Latch] = []
@@ -548,6 +587,9 @@ class _Core(Generic[K, V]):
             if error is not None:
                 self._failed_batches += 1
             self._running -= len(chunk)
+            self._active -= 1
+            if wake and self._due:
+                self._cond.notify()  # a slot is free for the next due chunk
             for i, entry in enumerate(chunk):
                 if entry.state == _DONE:
                     continue  # abandoned by close(timeout=...): its callers have their answer
@@ -667,11 +709,12 @@ class _Core(Generic[K, V]):
         return [t for t in self._workers if t.is_alive()]
 
 
-def check_timeout(timeout: float | None) -> None:
-    """Raise ValueError for a negative or NaN timeout, TypeError for a non-number."""
+def check_timeout(timeout: float | None) -> float | None:
+    """Return timeout normalized (infinity means None); refuse a negative, NaN or non-number."""
     if timeout is None:
-        return
+        return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"batchsync: timeout must be a number of seconds or None, not {timeout!r}")
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"batchsync: timeout must be >= 0 seconds or None, not {timeout!r}")
+    return None if timeout > threading.TIMEOUT_MAX else float(timeout)

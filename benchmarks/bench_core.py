@@ -7,7 +7,9 @@ Prints, per key over --keys keys with a trivial batch function:
   * get_many : Batcher.get_many(keys)
   * load_many: Batcher.load_many(keys), then .result() of each
   * aiodataloader: DataLoader.load_many(keys) awaited in asyncio (if installed)
-and the throughput of 64 threads each calling Batcher.get 1,000 times, with the batch sizes.
+and the throughput of 64 threads each calling Batcher.get 1,000 times, with the batch sizes,
+once with the trivial batch function and once with one that costs --call-cost microseconds
+per call (a stand-in for a database round trip: that is when coalescing pays).
 Each figure is the best of --repeat runs (the least disturbed by other load on the machine).
 """
 
@@ -83,8 +85,13 @@ def bench_aiodataloader(n: int) -> float | None:
     return asyncio.run(run())
 
 
-def bench_threads(threads: int, per_thread: int) -> dict[str, float]:
-    b = Batcher(trivial, name="bench")
+def bench_threads(threads: int, per_thread: int, call_cost: float) -> dict[str, float]:
+    def fn(keys: list[int]) -> list[int]:
+        if call_cost:
+            time.sleep(call_cost)  # stands in for one round trip to a database
+        return keys
+
+    b = Batcher(fn, name="bench")
     barrier = threading.Barrier(threads + 1)
 
     def worker(seed: int) -> None:
@@ -119,6 +126,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=64)
     ap.add_argument("--per-thread", type=int, default=1000)
+    ap.add_argument(
+        "--call-cost", type=float, default=200.0, help="microseconds each call costs in the "
+        "second thread run (a stand-in for a database round trip)"
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
     n, r = args.keys, args.repeat
@@ -127,7 +138,8 @@ def main() -> int:
     lm = best(lambda: bench_load_many(n), r)
     aio_runs = [bench_aiodataloader(n) for _ in range(r)]
     aio = None if aio_runs[0] is None else min(x for x in aio_runs if x is not None)
-    thr = bench_threads(args.threads, args.per_thread)
+    thr = bench_threads(args.threads, args.per_thread, 0.0)
+    slow = bench_threads(args.threads, args.per_thread, args.call_cost / 1e6)
     out = {
         "python": sys.version.split()[0],
         "keys": n,
@@ -140,6 +152,7 @@ def main() -> int:
         "get_many_vs_future": gm / fut,
         "aiodataloader_vs_get_many": None if aio is None else aio / gm,
         "threads": {"threads": args.threads, "gets_per_thread": args.per_thread, **thr},
+        "threads_with_call_cost": {"call_cost_us": args.call_cost, **slow},
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -153,11 +166,13 @@ def main() -> int:
             f"  aiodataloader load_many         : {aio * 1e6:6.2f} us/key  "
             f"(get_many is {aio / gm:.2f}x faster)"
         )
-    print(
-        f"{args.threads} threads x {args.per_thread} get(): {thr['gets_per_s']:,.0f} gets/s, "
-        f"{thr['batches']:,} batches, mean batch size {thr['mean_batch_size']:.1f}, "
-        f"coalescing rate {thr['coalescing_rate']:.1%}"
-    )
+    for label, t in (("trivial batch function", thr), (f"{args.call_cost:.0f} us per call", slow)):
+        print(
+            f"{args.threads} threads x {args.per_thread} get(), {label}: "
+            f"{t['gets_per_s']:,.0f} gets/s, {t['batches']:,} batches, "
+            f"mean batch size {t['mean_batch_size']:.1f}, "
+            f"coalescing rate {t['coalescing_rate']:.1%}"
+        )
     return 0
 
 

@@ -1,0 +1,299 @@
+"""The N+1 demo: one page served naive, batched and bulk, measured on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import _measure, _server, _shop
+from ._proxy import Proxy
+
+__all__ = ["main", "run"]
+
+MODES = ("naive", "batched", "bulk")
+
+# Loader settings of the batched mode. A caller that blocks in get_many sends
+# the queue at once (the Batcher's eager default), so a lone request never
+# waits out the window; under load, keys that arrive while a batch is in
+# flight ride together in the next one.
+WINDOW = 0.002
+MAX_CONCURRENCY = 2
+MAX_POOL = 32
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m batchsync.demo",
+        description=(
+            "Serve a page of 50 customers with their orders and order items three ways"
+            " (naive N+1 loop, batchsync loaders, hand-written bulk queries) on a real"
+            " PostgreSQL, and measure queries, latency and throughput."
+        ),
+    )
+    parser.add_argument(
+        "--dsn",
+        help=f"server to use (default: ${_server.DSN_ENV}, else an embedded pgserver)",
+    )
+    parser.add_argument("--threads", type=int, default=32, help="load threads (default 32)")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="seconds of load per mode (default 3)"
+    )
+    parser.add_argument(
+        "--rtt",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="simulate a network: a TCP proxy adds MS milliseconds per round trip",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="save a chart of the figures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo with command-line arguments `argv`; return the exit status."""
+    args = _parser().parse_args(argv)
+    if args.threads < 1:
+        _parser().error("--threads must be >= 1")
+    if args.seconds <= 0:
+        _parser().error("--seconds must be > 0")
+    if args.rtt < 0:
+        _parser().error("--rtt must be >= 0")
+    try:
+        report = run(dsn=args.dsn, threads=args.threads, seconds=args.seconds, rtt_ms=args.rtt)
+    except _server.NoServer as exc:
+        print(f"batchsync demo: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_report(report))
+    if args.plot:
+        plot(report, args.plot)
+        print(f"chart saved to {args.plot}", file=sys.stderr)
+    return 0
+
+
+@contextmanager
+def _shop_database(dsn: str | None, rtt_ms: float) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """Yield (DSN to use, DSN for statistics, facts) of a freshly filled shop database."""
+    with ExitStack() as stack:
+        admin = stack.enter_context(_server.server(dsn))
+        embedded = not (dsn or os.environ.get(_server.DSN_ENV))
+        db = stack.enter_context(_server.scratch_database(admin, "batchsync_demo"))
+        counts = _shop.create_shop(db)
+        facts: dict[str, Any] = {"server": "embedded pgserver" if embedded else "given DSN"}
+        facts.update(counts)
+        use = db
+        if rtt_ms > 0:
+            proxy = stack.enter_context(Proxy(_server.proxy_target(db), rtt_ms=rtt_ms))
+            use = _server.proxied_dsn(db, proxy.port)
+        yield use, db, facts
+
+
+def run(
+    *, dsn: str | None = None, threads: int = 32, seconds: float = 3.0, rtt_ms: float = 0.0
+) -> dict[str, Any]:
+    """Run the three modes and return the report (what --json prints)."""
+    pool_size = min(max(threads, 4), MAX_POOL)
+    report: dict[str, Any] = {
+        "settings": {
+            "threads": threads,
+            "seconds": seconds,
+            "rtt_ms": rtt_ms,
+            "rtt_simulated": rtt_ms > 0,
+            "page_size": _shop.PAGE_SIZE,
+            "pool_size": pool_size,
+            "window_s": WINDOW,
+            "max_concurrency": MAX_CONCURRENCY,
+        },
+        "modes": {},
+    }
+    with _shop_database(dsn, rtt_ms) as (use, stats_dsn, facts):
+        counter = _measure.QueryCounter(stats_dsn)
+        report["settings"]["query_count_source"] = counter.label
+        report["settings"]["server_version"] = counter.server_version
+        report["shop"] = facts
+        try:
+            pool: ConnectionPool[Any] = ConnectionPool(
+                use,
+                min_size=pool_size,
+                max_size=pool_size,
+                kwargs={"autocommit": True},
+                open=True,
+                name="demo",
+            )
+            with pool, ExitStack() as serving:
+                pool.wait(30.0)
+                with pool.connection() as conn:
+                    report["settings"]["round_trip_ms"] = round(_round_trip_ms(conn), 3)
+                serves = {mode: serving.enter_context(_serving(mode, pool)) for mode in MODES}
+                ids = _shop.page_ids(0)
+                pages = [serve(ids) for serve in serves.values()]
+                report["identical_pages"] = all(p == pages[0] for p in pages)
+                single = _measure.single_page_ms(
+                    {mode: partial(serve, ids) for mode, serve in serves.items()}
+                )
+                for mode, serve in serves.items():
+                    figures = {
+                        "queries_per_page": counter.count(pool, partial(serve, ids)),
+                        "single_page_ms": round(single[mode], 3),
+                    }
+                    figures.update(_load(mode, serve, pool, counter, threads, seconds))
+                    report["modes"][mode] = figures
+        finally:
+            counter.close()
+    return report
+
+
+def _round_trip_ms(conn: psycopg.Connection[Any]) -> float:
+    """Return the median time of ``SELECT 1`` on `conn`, in ms."""
+    times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        conn.execute("SELECT 1")
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+@contextmanager
+def _serving(mode: str, pool: ConnectionPool[Any]) -> Iterator[Callable[[list[int]], Any]]:
+    if mode == "naive":
+        yield lambda ids: _shop.naive_page(pool, ids)
+    elif mode == "bulk":
+        yield lambda ids: _shop.bulk_page(pool, ids)
+    else:
+        shop = _shop.BatchedShop(pool, window=WINDOW, max_concurrency=MAX_CONCURRENCY)
+        try:
+            yield shop.page
+        finally:
+            shop.close()
+
+
+def _load(
+    mode: str,
+    serve: Callable[[list[int]], Any],
+    pool: ConnectionPool[Any],
+    counter: _measure.QueryCounter,
+    threads: int,
+    seconds: float,
+) -> dict[str, Any]:
+    n_pages = _shop.CUSTOMERS // _shop.PAGE_SIZE
+
+    def pick(rng: random.Random) -> list[int]:
+        return _shop.page_ids(rng.randrange(n_pages))
+
+    with counter.counting(pool) as queries:
+        result = _measure.load_phase(serve, pick, threads=threads, seconds=seconds, label=mode)
+    return {
+        "requests": result.requests,
+        "requests_per_s": round(result.requests_per_s, 1),
+        "queries_per_s": round(queries[0] / result.elapsed, 1),
+        "queries_per_request_under_load": round(queries[0] / max(result.requests, 1), 2),
+        "p50_ms": round(result.percentile_ms(0.50), 3),
+        "p99_ms": round(result.percentile_ms(0.99), 3),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Return the report as the human-readable tables the demo prints."""
+    s, shop, modes = report["settings"], report["shop"], report["modes"]
+    lines = [
+        f"batchsync N+1 demo: a page of {s['page_size']} customers with their orders and items",
+        f"shop: {shop['customers']} customers, {shop['orders']} orders,"
+        f" {shop['order_items']} order items; PostgreSQL {s['server_version']}"
+        f" ({shop['server']})",
+    ]
+    if s["rtt_simulated"]:
+        lines.append(
+            f"network: SIMULATED, a TCP proxy on 127.0.0.1 adds {s['rtt_ms']:g} ms per round trip"
+        )
+    else:
+        lines.append("network: none added (direct connection)")
+    lines += [
+        f"queries counted by the server ({s['query_count_source']}),"
+        f" batched loaders: window {s['window_s'] * 1000:g} ms,"
+        f" max_concurrency {s['max_concurrency']}; pool of {s['pool_size']} connections",
+        "",
+        "one page, one thread",
+        f"  {'mode':<8} {'queries/page':>12} {'time/page':>12}",
+    ]
+    for mode in MODES:
+        m = modes[mode]
+        lines.append(f"  {mode:<8} {m['queries_per_page']:>12} {m['single_page_ms']:>9.2f} ms")
+    lines += [
+        "",
+        f"under load: {s['threads']} threads, {s['seconds']:g} s per mode",
+        f"  {'mode':<8} {'requests/s':>11} {'queries/s':>10} {'queries/req':>12}"
+        f" {'p50 ms':>9} {'p99 ms':>9}",
+    ]
+    for mode in MODES:
+        m = modes[mode]
+        lines.append(
+            f"  {mode:<8} {m['requests_per_s']:>11.1f} {m['queries_per_s']:>10.0f}"
+            f" {m['queries_per_request_under_load']:>12.2f}"
+            f" {m['p50_ms']:>9.2f} {m['p99_ms']:>9.2f}"
+        )
+    naive, batched, bulk = (modes[m] for m in MODES)
+    fewer = 1 - batched["queries_per_page"] / max(naive["queries_per_page"], 1)
+    lines += [
+        "",
+        f"batched vs naive: {fewer:.0%} fewer queries per page,"
+        f" {_ratio(batched['requests_per_s'], naive['requests_per_s'])} the requests/s,"
+        f" p99 {_ratio(naive['p99_ms'], batched['p99_ms'])} lower",
+        f"batched vs bulk: {_ratio(batched['requests_per_s'], bulk['requests_per_s'])}"
+        f" the requests/s, {_ratio(batched['single_page_ms'], bulk['single_page_ms'])}"
+        " the single-page time",
+        f"the three modes returned {'identical' if report['identical_pages'] else 'DIFFERENT'}"
+        " page data",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Save a bar chart of the report's figures to `path` (needs matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'batchsync[demo]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = report["modes"]
+    s = report["settings"]
+    panels = [
+        ("queries per page", "queries_per_page"),
+        ("time per page, 1 thread (ms)", "single_page_ms"),
+        (f"requests/s, {s['threads']} threads", "requests_per_s"),
+        (f"p99 latency, {s['threads']} threads (ms)", "p99_ms"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.6))
+    colors = ["#c0504d", "#4f81bd", "#9bbb59"]
+    for ax, (title, field) in zip(axes, panels, strict=True):
+        values = [modes[m][field] for m in MODES]
+        bars = ax.bar(MODES, values, color=colors)
+        ax.bar_label(bars, fmt="%.4g", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    network = f"simulated +{s['rtt_ms']:g} ms RTT" if s["rtt_simulated"] else "no added RTT"
+    fig.suptitle(f"batchsync N+1 demo ({network})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,15 @@
+"""manage.py create_shop: create and fill the demo's shop tables (needs batchsync[demo])."""
+
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Create and fill the shop tables of batchsync's demo in the shop database."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        from batchsync.demo._shop import create_shop
+
+        self.stdout.write(f"created {create_shop(settings.SHOP_DSN)}")

@@ -1,0 +1,161 @@
+"""The demo's shop page as a Flask app, served naive (N+1 queries) and batched (3 queries).
+
+Run it (PostgreSQL from --dsn or $BATCHSYNC_PG_DSN; --create makes and fills the demo's
+shop tables there first, which needs ``pip install 'batchsync[demo]'``)::
+
+    python examples/flask_shop.py --dsn postgresql:///shop --create
+    curl localhost:8000/page/0/naive
+    curl localhost:8000/page/0/batched
+
+or with Flask's own server: ``BATCHSYNC_PG_DSN=... flask --app examples/flask_shop run``.
+
+A page shows 50 customers, their orders and the orders' items. The batched view asks a
+loader for a whole level at a time; the loaders are shared by every request thread, so
+pages served at the same moment share their queries too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from flask import Flask, Response, abort
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+from werkzeug.serving import make_server
+
+from batchsync import pg
+from batchsync.flask import BatchSync
+
+PAGE_SIZE = 50
+
+CUSTOMERS_SQL = "SELECT id, name, email, city FROM customers WHERE id = ANY(%(keys)s)"
+ORDERS_SQL = (
+    "SELECT id, customer_id, placed_on, status FROM orders"
+    " WHERE customer_id = ANY(%(keys)s) ORDER BY id"
+)
+ITEMS_SQL = (
+    "SELECT id, order_id, product, quantity, price_cents FROM order_items"
+    " WHERE order_id = ANY(%(keys)s) ORDER BY id"
+)
+# The naive view's one-key queries.
+ORDERS_OF_SQL = (
+    "SELECT id, customer_id, placed_on, status FROM orders WHERE customer_id = %s ORDER BY id"
+)
+ITEMS_OF_SQL = (
+    "SELECT id, order_id, product, quantity, price_cents FROM order_items"
+    " WHERE order_id = %s ORDER BY id"
+)
+
+
+def page_ids(number: int) -> list[int]:
+    """The customer ids on page `number`: 50 consecutive ids."""
+    start = number * PAGE_SIZE
+    return list(range(start + 1, start + PAGE_SIZE + 1))
+
+
+def to_json(page: list[dict[str, Any]]) -> Response:
+    """The page as JSON, dates as ISO strings (the Django example sends the same bytes)."""
+    return Response(json.dumps(page, default=str), mimetype="application/json")
+
+
+def create_app(dsn: str | None = None, *, pool_size: int = 8) -> Flask:
+    """Build the app on the database of `dsn` (default: $BATCHSYNC_PG_DSN)."""
+    dsn = dsn or os.environ.get("BATCHSYNC_PG_DSN")
+    if not dsn:
+        raise RuntimeError("give a DSN: --dsn or $BATCHSYNC_PG_DSN")
+    app = Flask(__name__)
+    pool: ConnectionPool[Any] = ConnectionPool(
+        dsn,
+        min_size=pool_size,
+        max_size=pool_size,
+        kwargs={"autocommit": True, "application_name": "flask_shop"},
+        open=True,
+        name="flask_shop",
+    )
+    app.extensions["shop_pool"] = pool
+
+    batch = BatchSync(app)
+    # cache="scope": a key loaded twice in one request is fetched once; nothing is kept
+    # after the request. eager (the default): a request waiting in get_many sends its keys
+    # at once, and keys of requests arriving meanwhile ride together in the next query.
+    options: dict[str, Any] = {"cache": "scope", "window": 0.002, "max_concurrency": 2}
+    customers = batch.register(pg.loader(pool, CUSTOMERS_SQL, key="id", **options))
+    orders = batch.register(
+        pg.loader(pool, ORDERS_SQL, key="customer_id", many=True, **options)
+    )
+    items = batch.register(pg.loader(pool, ITEMS_SQL, key="order_id", many=True, **options))
+
+    @app.get("/page/<int:number>/batched")
+    def page_batched(number: int) -> Response:
+        ids = page_ids(number)
+        found = customers.get_many(ids)  # one query for the 50 customers
+        by_customer = orders.get_many(ids)  # one for all their orders
+        order_ids = [o["id"] for its_orders in by_customer for o in its_orders or []]
+        by_order = dict(zip(order_ids, items.get_many(order_ids), strict=True))  # one more
+        page = []
+        for c, its_orders in zip(found, by_customer, strict=True):
+            if c is not None:
+                its = [{**o, "items": by_order[o["id"]]} for o in its_orders or []]
+                page.append({**c, "orders": its})
+        return to_json(page)
+
+    @app.get("/page/<int:number>/naive")
+    def page_naive(number: int) -> Response:
+        page = []
+        with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(CUSTOMERS_SQL, {"keys": page_ids(number)})
+            found = {c["id"]: c for c in cur.fetchall()}
+            for cid in page_ids(number):
+                if cid not in found:
+                    continue
+                cur.execute(ORDERS_OF_SQL, (cid,))
+                its_orders = cur.fetchall()
+                for o in its_orders:
+                    cur.execute(ITEMS_OF_SQL, (o["id"],))
+                    o["items"] = cur.fetchall()
+                page.append({**found[cid], "orders": its_orders})
+        return to_json(page)
+
+    @app.get("/customers/<int:cid>")
+    def customer(cid: int) -> Response:
+        found = customers.get(cid)
+        if found is None:
+            abort(404)
+        return to_json([found])
+
+    return app
+
+
+def close_app(app: Flask) -> None:
+    """Close the app's loaders, then its pool."""
+    app.extensions["batchsync"].close()
+    app.extensions["shop_pool"].close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: $BATCHSYNC_PG_DSN)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--create", action="store_true", help="create the demo's shop tables")
+    args = parser.parse_args()
+    if args.create:
+        from batchsync.demo._shop import create_shop
+
+        print(create_shop(args.dsn or os.environ["BATCHSYNC_PG_DSN"]))
+    app = create_app(args.dsn)
+    server = make_server("127.0.0.1", args.port, app, threaded=True)
+    print(f"serving on http://127.0.0.1:{server.server_port}/page/0/batched", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        close_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""PostgreSQL fixtures: a real server, a database per test run, pools and a proxy.
+
+The server is ``$BATCHSYNC_PG_DSN`` when set, else an embedded one started
+with ``pgserver``. Without either the tests that need it are skipped, except
+under ``CI=true``, where a missing server is a failure.
+
+Load it from ``tests/conftest.py`` with ``pytest_plugins = ["pg_fixtures"]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+def _no_server(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and no PostgreSQL: {reason}", pytrace=False)
+    pytest.skip(f"no PostgreSQL: {reason}")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    """The DSN of the server, with rights to create databases (and roles)."""
+    try:
+        from batchsync.demo import _server
+    except ImportError as exc:
+        _no_server(f"{exc} (pip install -e '.[test]')")
+        raise AssertionError("unreachable") from exc
+    try:
+        with _server.server() as dsn:
+            yield dsn
+    except _server.NoServer as exc:
+        _no_server(str(exc))
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """The DSN of a database created for this test run and dropped after it."""
+    from batchsync.demo import _server
+
+    with _server.scratch_database(pg_admin_dsn, "batchsync_test") as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def pg_conn(pg_dsn: str) -> Iterator[Any]:
+    """An autocommit connection to the test database, for set-up and checks."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def pg_pool(pg_dsn: str) -> Iterator[Any]:
+    """An open autocommit ConnectionPool of 2 connections on the test database."""
+    from psycopg_pool import ConnectionPool
+
+    pool: ConnectionPool[Any] = ConnectionPool(
+        pg_dsn, min_size=2, max_size=2, kwargs={"autocommit": True}, open=True, name="test"
+    )
+    try:
+        pool.wait(10.0)
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def pg_proxy(pg_dsn: str) -> Iterator[Any]:
+    """A started Proxy in front of the server, closed after the test."""
+    from batchsync.demo._proxy import Proxy
+    from batchsync.demo._server import proxy_target
+
+    with Proxy(proxy_target(pg_dsn)) as proxy:
+        yield proxy

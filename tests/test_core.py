@@ -1,0 +1,798 @@
+"""Contract tests of the core Batcher: one test (or a few) per promise of the README."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import CancelledError, Future, wait
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import batchsync
+from batchsync import (
+    BatchCycleError,
+    Batcher,
+    BatcherClosed,
+    BatchError,
+    Stats,
+    aload,
+    batched,
+    current_partition,
+    scope,
+)
+
+T = 10.0  # generous bound for a result that must come; a hang fails here, not at the suite timeout
+LONG = 3600.0  # a window that never closes by itself within a test
+
+
+class Recorder:
+    """A batch function that records every call and answers key -> key * 10."""
+
+    def __init__(self, fn: Callable[[list[Any]], Any] | None = None) -> None:
+        self.calls: list[list[Any]] = []
+        self.lock = threading.Lock()
+        self.fn = fn
+
+    def __call__(self, keys: list[Any]) -> Any:
+        with self.lock:
+            self.calls.append(list(keys))
+        if self.fn is not None:
+            return self.fn(keys)
+        return [k * 10 for k in keys]
+
+    @property
+    def sent(self) -> list[Any]:
+        return [k for call in self.calls for k in call]
+
+
+# -- the public surface ----------------------------------------------------------------------
+
+
+def test_public_names_are_exactly_all() -> None:
+    public = {
+        n
+        for n, v in vars(batchsync).items()
+        if not n.startswith("_") and not isinstance(v, type(batchsync))  # submodules aside
+    }
+    assert public == set(batchsync.__all__) - {"__version__"}
+    assert sorted(batchsync.__all__) == batchsync.__all__
+
+
+def test_importing_and_constructing_start_no_thread() -> None:
+    before = threading.active_count()
+    b = Batcher(Recorder())
+    assert threading.active_count() == before
+    assert b.get(1, timeout=T) == 10
+    assert any(t.name.startswith("batchsync-") for t in threading.enumerate())
+    b.close()
+
+
+def test_worker_threads_carry_the_name_and_are_daemons() -> None:
+    seen: list[threading.Thread] = []
+
+    def fn(keys: list[int]) -> list[int]:
+        seen.append(threading.current_thread())
+        return keys
+
+    with Batcher(fn, name="users") as b:
+        b.get(1, timeout=T)
+    assert seen[0].name.startswith("batchsync-users-")
+    assert seen[0].daemon
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def test_get_load_and_many_share_one_call() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        futures = b.load_many([1, 2, 3])
+        assert b.get_many([4, 5], timeout=T) == [40, 50]
+        assert [f.result(T) for f in futures] == [10, 20, 30]
+    assert rec.calls == [[1, 2, 3, 4, 5]]
+
+
+def test_load_returns_a_concurrent_future() -> None:
+    with Batcher(Recorder()) as b:
+        fut = b.load(7)
+        assert isinstance(fut, Future)
+        assert fut.result(T) == 70
+
+
+def test_mapping_result_missing_key_is_none() -> None:
+    rec = Recorder(lambda keys: {k: f"v{k}" for k in keys if k != 2})
+    with Batcher(rec) as b:
+        assert b.get_many([1, 2, 3], timeout=T) == ["v1", None, "v3"]
+
+
+def test_mapping_result_missing_key_raises_keyerror_when_asked() -> None:
+    rec = Recorder(lambda keys: {k: f"v{k}" for k in keys if k != 2})
+    with Batcher(rec, missing="raise", window=LONG) as b:
+        f1, f2, f3 = b.load_many([1, 2, 3])
+        b.flush()
+        assert f1.result(T) == "v1"
+        with pytest.raises(KeyError) as info:
+            f2.result(T)
+        assert info.value.args == (2,)
+        assert f3.result(T) == "v3"
+
+
+def test_mapping_with_extra_keys_or_keys_of_another_type() -> None:
+    # Extra keys are ignored; "1" is not 1, so key 1 is reported as missing.
+    rec = Recorder(lambda keys: {"1": "string one", 2: "two", 99: "extra"})
+    with Batcher(rec) as b:
+        assert b.get_many([1, 2], timeout=T) == [None, "two"]
+
+
+def test_sequence_length_mismatch_fails_the_call_naming_both_lengths() -> None:
+    rec = Recorder(lambda keys: [1])
+    with Batcher(rec, window=LONG) as b:
+        futures = b.load_many(["a", "b", "c"])
+        b.flush()
+        for f in futures:
+            with pytest.raises(BatchError, match=r"returned 1 items for 3 keys"):
+                f.result(T)
+
+
+@pytest.mark.parametrize(
+    ("result", "type_name"),
+    [({1, 2}, "set"), (None, "NoneType"), ("ab", "str"), (iter([1, 2]), "list_iterator")],
+)
+def test_other_result_types_fail_with_batcherror_naming_the_type(
+    result: object, type_name: str
+) -> None:
+    message = rf"returned {type_name}; expected a Mapping"
+    with Batcher(Recorder(lambda keys: result)) as b, pytest.raises(BatchError, match=message):
+        b.get_many([1, 2], timeout=T)
+
+
+def test_generator_result_fails_with_batcherror() -> None:
+    def gen(keys: list[int]) -> Any:
+        return (k for k in keys)
+
+    with Batcher(gen) as b, pytest.raises(BatchError, match="returned generator"):
+        b.get(1, timeout=T)
+
+
+def test_exception_item_fails_only_its_key() -> None:
+    boom = ValueError("no such user")
+    rec = Recorder(lambda keys: [boom if k == 2 else k for k in keys])
+    with Batcher(rec, window=LONG) as b:
+        f1, f2, f3 = b.load_many([1, 2, 3])
+        b.flush()
+        assert f1.result(T) == 1
+        assert f2.exception(T) is boom
+        assert f3.result(T) == 3
+
+
+def test_raising_batch_function_fails_its_call_with_the_same_object_only() -> None:
+    boom = RuntimeError("database down")
+
+    def fn(keys: list[int]) -> list[int]:
+        if 2 in keys:
+            raise boom
+        return keys
+
+    with Batcher(fn, window=LONG, max_batch_size=2) as b:
+        futures = b.load_many([1, 2, 3, 4])  # chunks [1, 2] and [3, 4]
+        b.flush()
+        assert futures[0].exception(T) is boom
+        assert futures[1].exception(T) is boom
+        assert [f.result(T) for f in futures[2:]] == [3, 4]
+        assert b.get(5, timeout=T) == 5  # later batches are not affected
+        assert b.stats().failed_batches == 1
+
+
+def test_get_many_raises_the_first_failed_keys_error_in_key_order() -> None:
+    rec = Recorder(lambda keys: [KeyError(k) if k in (3, 2) else k for k in keys])
+    with Batcher(rec) as b, pytest.raises(KeyError) as info:
+        b.get_many([1, 3, 2], timeout=T)
+    assert info.value.args == (3,)
+
+
+# -- duplicates and identities ----------------------------------------------------------------
+
+
+def test_duplicate_keys_while_queued_are_sent_once_and_every_caller_answered() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        futures = [*b.load_many([1, 1, 2]), b.load(1)]
+        b.flush()
+        assert [f.result(T) for f in futures] == [10, 10, 20, 10]
+        assert rec.calls == [[1, 2]]
+        assert b.stats().deduplicated == 2
+
+
+def test_duplicate_key_while_in_flight_joins_the_running_call() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        entered.set()
+        assert release.wait(T)
+        return [k * 10 for k in keys]
+
+    rec = Recorder(fn)
+    with Batcher(rec) as b:
+        first = b.load(1)
+        b.flush()
+        assert entered.wait(T)
+        second = b.load(1)  # in flight now: must join, not be sent again
+        release.set()
+        assert first.result(T) == 10
+        assert second.result(T) == 10
+    assert rec.calls == [[1]]
+
+
+def test_key_fn_gives_identity_and_batch_function_gets_original_keys() -> None:
+    rec = Recorder(lambda keys: [k["id"] * 10 for k in keys])
+    with Batcher(rec, key_fn=lambda k: k["id"]) as b:
+        assert b.get_many([{"id": 1}, {"id": 2}, {"id": 1}], timeout=T) == [10, 20, 10]
+    assert rec.calls == [[{"id": 1}, {"id": 2}]]
+
+
+def test_key_fn_mapping_result_is_looked_up_by_identity() -> None:
+    rec = Recorder(lambda keys: {k["id"]: k["id"] * 10 for k in keys})
+    with Batcher(rec, key_fn=lambda k: k["id"]) as b:
+        assert b.get({"id": 4}, timeout=T) == 40
+
+
+def test_unhashable_key_raises_typeerror_from_load_at_once() -> None:
+    rec = Recorder()
+    with Batcher(rec) as b:
+        with pytest.raises(TypeError, match=r"key \[1\] is unhashable \(list\); pass key_fn="):
+            b.load([1])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="unhashable"):
+            b.get_many([1, {"a": 1}])  # type: ignore[list-item]
+        assert b.stats().queued == 0
+    assert rec.calls == []
+
+
+def test_none_is_an_ordinary_key() -> None:
+    rec = Recorder(lambda keys: ["none" if k is None else k for k in keys])
+    with Batcher(rec) as b:
+        assert b.get_many([None, 1], timeout=T) == ["none", 1]
+
+
+# -- the window, chunks and concurrency -------------------------------------------------------
+
+
+def test_keys_wait_for_the_window_until_flush() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        fut = b.load(1)
+        done, _ = wait([fut], timeout=0.2)  # nobody waits on it: it rides the window
+        assert not done and rec.calls == []
+        b.flush()
+        assert fut.result(T) == 10
+
+
+def test_window_closes_by_itself() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=0.01, eager=False) as b:
+        futures = b.load_many([1, 2])
+        _done, pending = wait(futures, timeout=T)  # wait() does not close the window
+        assert not pending
+    assert rec.calls == [[1, 2]]
+
+
+def test_window_zero_dispatches_without_a_waiter() -> None:
+    with Batcher(Recorder(), window=0, eager=False) as b:
+        fut = b.load(3)
+        done, _ = wait([fut], timeout=T)
+        assert done
+
+
+def test_a_full_queue_is_dispatched_at_once() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG, max_batch_size=3, eager=False) as b:
+        futures = b.load_many([1, 2, 3])
+        _, pending = wait(futures, timeout=T)
+        assert not pending
+        assert rec.calls == [[1, 2, 3]]
+
+
+def test_a_dispatch_is_cut_into_chunks_of_max_batch_size() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG, max_batch_size=4) as b:
+        assert b.get_many(range(10), timeout=T) == [k * 10 for k in range(10)]
+    assert rec.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_blocking_caller_does_not_wait_out_the_window() -> None:
+    # eager (the default): get() sends the queue at once; the window is an hour.
+    with Batcher(Recorder(), window=LONG) as b:
+        assert b.get(1, timeout=T) == 10
+        assert b.load(2).result(T) == 20
+
+
+def test_without_eager_a_blocking_caller_waits_for_the_window() -> None:
+    with Batcher(Recorder(), window=LONG, eager=False) as b:
+        with pytest.raises(TimeoutError):
+            b.get(1, timeout=0.2)
+        b.flush()
+
+
+def test_max_concurrency_runs_chunks_side_by_side_and_never_more() -> None:
+    barrier = threading.Barrier(3, timeout=T)
+    active = peak = 0
+    lock = threading.Lock()
+
+    def fn(keys: list[int]) -> list[int]:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        if keys[0] < 3:
+            barrier.wait()  # the first three chunks must all be running at once
+        with lock:
+            active -= 1
+        return keys
+
+    with Batcher(fn, window=LONG, max_batch_size=1, max_concurrency=3) as b:
+        assert b.get_many(range(12), timeout=T) == list(range(12))
+    assert peak == 3
+
+
+def test_max_concurrency_one_runs_one_call_at_a_time() -> None:
+    active = peak = 0
+    lock = threading.Lock()
+
+    def fn(keys: list[int]) -> list[int]:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        with lock:
+            active -= 1
+        return keys
+
+    b = Batcher(fn, max_batch_size=2)
+    threads = [
+        threading.Thread(target=lambda i=i: b.get_many(range(i, i + 20), timeout=T))
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(T)
+    b.close()
+    assert peak == 1
+
+
+def test_batch_function_never_runs_under_a_batchsync_lock() -> None:
+    # From inside the batch function, another thread can load and read stats at once.
+    inside = threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        if keys == [1]:
+            helper = threading.Thread(target=lambda: (b.load(2), b.stats(), inside.set()))
+            helper.start()
+            assert inside.wait(T)
+            helper.join(T)
+        return keys
+
+    with Batcher(fn) as b:
+        assert b.get(1, timeout=T) == 1
+        assert b.get(2, timeout=T) == 2
+
+
+# -- cache -----------------------------------------------------------------------------------
+
+
+def test_cache_memoizes_values_not_failures() -> None:
+    fail = {"on": True}
+
+    def fn(keys: list[int]) -> list[Any]:
+        return [ValueError("transient") if fail["on"] and k == 2 else k for k in keys]
+
+    rec = Recorder(fn)
+    with Batcher(rec, cache=True) as b:
+        with pytest.raises(ValueError, match="transient"):
+            b.get_many([1, 2], timeout=T)
+        fail["on"] = False
+        assert b.get_many([1, 2], timeout=T) == [1, 2]  # 1 cached, 2 retried
+        assert b.get(1, timeout=T) == 1
+        assert b.stats().cache_hits == 2
+    assert rec.calls == [[1, 2], [2]]
+
+
+def test_prime_clear_and_clear_all() -> None:
+    rec = Recorder()
+    with Batcher(rec, cache=True) as b:
+        b.prime(5, 555)
+        assert b.get(5, timeout=T) == 555
+        b.clear(5)
+        assert b.get(5, timeout=T) == 50
+        b.get_many([6, 7], timeout=T)
+        b.clear_all()
+        assert b.get_many([6, 7], timeout=T) == [60, 70]
+    assert rec.calls == [[5], [6, 7], [6, 7]]
+
+
+def test_prime_without_cache_is_refused() -> None:
+    with Batcher(Recorder()) as b, pytest.raises(ValueError, match=r"prime\(\) needs a Batcher"):
+        b.prime(1, 1)
+
+
+def test_scope_cache_memoizes_only_inside_a_scope() -> None:
+    rec = Recorder()
+    with Batcher(rec, cache="scope") as b:
+        assert b.get(1, timeout=T) == 10
+        assert b.get(1, timeout=T) == 10  # no scope: no cache
+        with scope():
+            assert b.get(1, timeout=T) == 10
+            assert b.get(1, timeout=T) == 10  # cached in this scope
+        with scope():
+            assert b.get(1, timeout=T) == 10  # a new scope starts empty
+    assert rec.calls == [[1], [1], [1], [1]]
+
+
+# -- partitions ------------------------------------------------------------------------------
+
+
+def test_partitions_never_share_a_call() -> None:
+    tenant: dict[str, str] = {}
+    local = threading.local()
+    calls: list[tuple[Hashable, list[int]]] = []
+
+    def fn(keys: list[int]) -> list[str]:
+        calls.append((current_partition(), list(keys)))
+        return [f"{current_partition()}:{k}" for k in keys]
+
+    with Batcher(fn, window=LONG, partition=lambda: local.tenant) as b:
+        local.tenant = "a"
+        fa = b.load_many([1, 2])
+        local.tenant = "b"
+        fb = b.load_many([1, 3])
+        b.flush()
+        assert [f.result(T) for f in fa] == ["a:1", "a:2"]
+        assert [f.result(T) for f in fb] == ["b:1", "b:3"]
+    assert sorted(calls) == [("a", [1, 2]), ("b", [1, 3])]
+    assert tenant == {}
+    assert current_partition() is None
+
+
+# -- nested loads ------------------------------------------------------------------------------
+
+
+def test_batch_function_may_load_from_its_own_batcher_with_one_worker() -> None:
+    # A tree in one Batcher: node n's children are 2n+1 and 2n+2, down to depth 3.
+    def fn(keys: list[int]) -> list[int]:
+        out = []
+        for k in keys:
+            kids = [2 * k + 1, 2 * k + 2] if k < 7 else []
+            out.append(k + sum(b.get_many(kids)))
+        return out
+
+    with Batcher(fn, max_concurrency=1) as b:
+        assert b.get(0, timeout=T) == sum(range(15))
+
+
+def test_nested_loads_through_three_batchers_with_load_and_result() -> None:
+    items = Batcher(lambda keys: [[f"item{k}"] for k in keys], name="items")
+    orders = Batcher(lambda keys: [items.load(k).result() for k in keys], name="orders")
+    customers = Batcher(
+        lambda keys: [orders.get_many([k, k + 100]) for k in keys], name="customers"
+    )
+    with customers, orders, items:
+        assert customers.get(1, timeout=T) == [["item1"], ["item101"]]
+
+
+def test_waiting_on_a_key_the_running_call_computes_is_a_cycle_error() -> None:
+    def fn(keys: list[int]) -> list[int]:
+        return [b.get(k) for k in keys]  # waits on itself
+
+    with Batcher(fn) as b, pytest.raises(BatchCycleError, match="waited on key 1"):
+        b.get(1, timeout=T)
+
+
+# -- cancellation and callbacks -----------------------------------------------------------------
+
+
+def test_cancelled_queued_future_drops_its_key() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        f1, f2 = b.load_many([1, 2])
+        assert f1.cancel()
+        b.flush()
+        assert f2.result(T) == 20
+        with pytest.raises(CancelledError):
+            f1.result(T)
+    assert rec.calls == [[2]]
+
+
+def test_cancel_does_not_disturb_another_caller_of_the_same_key() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        f1 = b.load(1)
+        f2 = b.load(1)
+        assert f1.cancel()
+        b.flush()
+        assert f2.result(T) == 10
+    assert rec.calls == [[1]]
+
+
+def test_a_raising_callback_does_not_affect_other_callers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with Batcher(Recorder(), window=LONG) as b:
+        f1, f2 = b.load_many([1, 2])
+
+        def bad(_: Future[Any]) -> None:
+            raise RuntimeError("callback bug")
+
+        f1.add_done_callback(bad)
+        b.flush()
+        assert f2.result(T) == 20
+        assert f1.result(T) == 10
+        assert b.get(3, timeout=T) == 30  # the worker lives on
+
+
+# -- timeouts, close and lifecycle ------------------------------------------------------------
+
+
+def test_get_timeout_raises_timeouterror_and_the_late_result_is_harmless() -> None:
+    release = threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        release.wait(T)
+        return keys
+
+    with Batcher(fn) as b:
+        with pytest.raises(TimeoutError):
+            b.get(1, timeout=0.05)
+        release.set()
+        assert b.get(1, timeout=T) == 1
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan")])
+def test_get_with_a_bad_timeout_is_refused(bad: float) -> None:
+    with Batcher(Recorder()) as b, pytest.raises(ValueError, match="timeout must be >= 0"):
+        b.get(1, timeout=bad)
+
+
+def test_close_dispatches_queued_keys_and_refuses_new_loads() -> None:
+    rec = Recorder()
+    b = Batcher(rec, window=LONG)
+    futures = b.load_many([1, 2])
+    b.close()
+    assert [f.result(0) for f in futures] == [10, 20]
+    with pytest.raises(BatcherClosed, match="is closed"):
+        b.load(3)
+    with pytest.raises(BatcherClosed):
+        b.get_many([3])
+    b.close()  # idempotent
+    assert b.closed
+
+
+def test_close_with_timeout_fails_what_is_left_with_batcherclosed() -> None:
+    release = threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        release.wait(T)
+        return keys
+
+    b = Batcher(fn, max_batch_size=1)
+    futures = b.load_many(range(5))
+    b.flush()
+    start = time.monotonic()
+    b.close(timeout=0.2)
+    assert time.monotonic() - start < 2.0
+    for f in futures:
+        assert isinstance(f.exception(0), BatcherClosed)
+    release.set()  # the hung call returns later; its result goes nowhere
+
+
+def test_unclosed_batcher_that_is_collected_ends_its_threads() -> None:
+    b = Batcher(Recorder(), name="forgotten")
+    assert b.get(1, timeout=T) == 10
+    thread = next(t for t in threading.enumerate() if t.name.startswith("batchsync-forgotten"))
+    del b
+    gc.collect()
+    thread.join(T)
+    assert not thread.is_alive()
+
+
+def test_aload_from_asyncio() -> None:
+    async def main(b: Batcher[int, int]) -> list[int | None]:
+        return list(await asyncio.gather(*(aload(b, k) for k in range(5))))
+
+    with Batcher(Recorder(), window=LONG) as b:
+        assert asyncio.run(main(b)) == [k * 10 for k in range(5)]
+
+
+# -- construction ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"window": -0.1}, ValueError, "window must be a finite number >= 0, not -0.1"),
+        ({"window": float("nan")}, ValueError, "window must be a finite number >= 0"),
+        ({"window": "5ms"}, TypeError, "window must be a number of seconds"),
+        ({"max_batch_size": 0}, ValueError, "max_batch_size must be an int >= 1, not 0"),
+        ({"max_batch_size": -3}, ValueError, "max_batch_size must be an int >= 1, not -3"),
+        ({"max_batch_size": 2.5}, TypeError, "max_batch_size must be an int >= 1, not 2.5"),
+        ({"max_concurrency": 0}, ValueError, "max_concurrency must be an int >= 1, not 0"),
+        ({"max_concurrency": True}, TypeError, "max_concurrency must be an int >= 1"),
+        ({"missing": "skip"}, ValueError, "missing must be 'none' or 'raise', not 'skip'"),
+        ({"cache": "yes"}, ValueError, "cache must be False, True or 'scope'"),
+        ({"key_fn": 3}, TypeError, "key_fn must be callable"),
+        ({"partition": "tenant"}, TypeError, "partition must be callable"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Batcher(Recorder(), **kwargs)
+
+
+def test_non_callable_batch_function_is_refused() -> None:
+    with pytest.raises(TypeError, match="batch_fn must be callable, not 42"):
+        Batcher(42)  # type: ignore[arg-type]
+
+
+def test_load_many_refuses_a_string() -> None:
+    with Batcher(Recorder()) as b, pytest.raises(TypeError, match="keys must be an iterable"):
+        b.load_many("abc")
+
+
+def test_batched_decorator_with_and_without_options() -> None:
+    @batched
+    def plain(keys: list[int]) -> list[int]:
+        return keys
+
+    @batched(window=0.001, max_batch_size=2, name="pairs")
+    def pairs(keys: list[int]) -> dict[int, int]:
+        assert len(keys) <= 2
+        return {k: -k for k in keys}
+
+    with plain, pairs:
+        assert isinstance(plain, Batcher)
+        assert plain.get(3, timeout=T) == 3
+        assert pairs.get_many([1, 2, 3], timeout=T) == [-1, -2, -3]
+        assert pairs.name == "pairs"
+
+
+# -- stats and logging -------------------------------------------------------------------------
+
+
+def test_stats_count_exactly() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG, cache=True, max_batch_size=3) as b:
+        b.get_many([1, 2, 3, 4, 1], timeout=T)  # calls [1,2,3] and [4]; one duplicate
+        b.get(1, timeout=T)  # cache hit
+        s = b.stats()
+    assert s == Stats(
+        loads=6,
+        cache_hits=1,
+        deduplicated=1,
+        batches=2,
+        keys=4,
+        failed_batches=0,
+        largest_batch=3,
+        coalesced_keys=3,
+        queued=0,
+        in_flight=0,
+    )
+    assert s.mean_batch_size == 2.0
+    assert s.coalescing_rate == 0.75
+
+
+def test_logging_debug_per_batch_and_error_on_failure(caplog: pytest.LogCaptureFixture) -> None:
+    def fn(keys: list[int]) -> list[int]:
+        if keys == [2]:
+            raise RuntimeError("boom")
+        return keys
+
+    with caplog.at_level(logging.DEBUG, logger="batchsync"), Batcher(fn, name="logged") as b:
+        b.get(1, timeout=T)
+        with pytest.raises(RuntimeError):
+            b.get(2, timeout=T)
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "batchsync"]
+    assert records[0][0] == "DEBUG"
+    assert records[0][1].startswith("batchsync logged: batch of 1 keys in ")
+    assert records[1][0] == "ERROR"
+    assert records[1][1].startswith("batchsync logged: batch of 1 keys failed after ")
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+
+def test_32_threads_random_keys_and_random_failures() -> None:
+    """Every future resolves with its own key's value or the right error; calls << loads."""
+    rnd = random.Random(7)
+    lock = threading.Lock()
+
+    class WholeBatch(Exception):
+        pass
+
+    def fn(keys: list[int]) -> list[Any]:
+        with lock:
+            r = rnd.random()
+        if r < 0.05:
+            raise WholeBatch(keys)
+        return [KeyError(k) if k % 13 == 0 else ("v", k) for k in keys]
+
+    b = Batcher(fn, window=0.001, max_batch_size=64, max_concurrency=2)
+    errors: list[str] = []
+    barrier = threading.Barrier(32, timeout=T)
+
+    def client(seed: int) -> None:
+        r = random.Random(seed)
+        barrier.wait()
+        futures = []
+        for _ in range(1000):
+            key = r.randrange(500)
+            if r.random() < 0.5:
+                futures.append((key, b.load(key)))
+            else:
+                try:
+                    value = b.get(key, timeout=T)
+                except WholeBatch as exc:
+                    if key not in exc.args[0]:
+                        errors.append(f"{key} got another batch's error")
+                except KeyError as exc:
+                    if exc.args != (key,) or key % 13:
+                        errors.append(f"{key} got KeyError {exc.args}")
+                else:
+                    if value != ("v", key):
+                        errors.append(f"{key} got {value!r}")
+        _done, pending = wait([f for _, f in futures], timeout=T)
+        if pending:
+            errors.append(f"{len(pending)} futures unresolved")
+        for key, f in futures:
+            exc = f.exception(0)
+            if exc is None:
+                if f.result(0) != ("v", key):
+                    errors.append(f"{key} got {f.result(0)!r}")
+            elif isinstance(exc, WholeBatch):
+                if key not in exc.args[0]:
+                    errors.append(f"{key} got another batch's error")
+            elif not (isinstance(exc, KeyError) and exc.args == (key,) and key % 13 == 0):
+                errors.append(f"{key} got {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    b.close()
+    assert errors == []
+    s = b.stats()
+    assert s.loads == 32_000
+    assert s.batches < s.loads / 5, s
+    assert s.queued == 0 and s.in_flight == 0
+
+
+# -- properties ------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    keys=st.lists(st.integers(min_value=-5, max_value=40), max_size=60),
+    size=st.integers(min_value=1, max_value=8),
+    as_mapping=st.booleans(),
+)
+def test_property_every_key_answered_once_sent_in_bounded_unique_chunks(
+    keys: list[int], size: int, as_mapping: bool
+) -> None:
+    def fn(ks: list[int]) -> Sequence[int] | dict[int, int]:
+        return {k: k * k for k in ks} if as_mapping else [k * k for k in ks]
+
+    rec = Recorder(fn)
+    with Batcher(rec, window=LONG, max_batch_size=size) as b:
+        assert b.get_many(keys, timeout=T) == [k * k for k in keys]
+    for call in rec.calls:
+        assert 1 <= len(call) <= size
+        assert len(set(call)) == len(call)
+    assert sorted(rec.sent) == sorted(set(keys))

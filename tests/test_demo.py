@@ -1,0 +1,108 @@
+"""The N+1 demo on a real PostgreSQL: same page data, server-counted queries, its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+pytest.importorskip("psycopg_pool")
+
+from psycopg_pool import ConnectionPool  # noqa: E402
+
+from batchsync.demo import _cli, _server, _shop  # noqa: E402
+from batchsync.demo._measure import QueryCounter  # noqa: E402
+
+pytestmark = pytest.mark.pg
+
+
+@pytest.fixture(scope="module")
+def shop_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    with _server.scratch_database(pg_admin_dsn, "batchsync_shop") as dsn:
+        _shop.create_shop(dsn)
+        yield dsn
+
+
+def test_modes_return_the_same_page_with_the_expected_query_counts(shop_dsn: str) -> None:
+    ids = _shop.page_ids(3)
+    with psycopg.connect(shop_dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM orders WHERE customer_id = ANY(%s)", [ids])
+        orders = row.fetchone()[0]
+    assert orders > 0
+    counter = QueryCounter(shop_dsn)
+    try:
+        with ConnectionPool(
+            shop_dsn, min_size=2, max_size=2, kwargs={"autocommit": True}, open=True
+        ) as pool:
+            shop = _shop.BatchedShop(pool)
+            try:
+                naive = _shop.naive_page(pool, ids)
+                assert shop.page(ids) == naive
+                assert _shop.bulk_page(pool, ids) == naive
+                assert len(naive) == 50
+                assert sum(len(c["orders"]) for c in naive) == orders
+                assert counter.count(pool, lambda: _shop.naive_page(pool, ids)) == 1 + 50 + orders
+                assert counter.count(pool, lambda: shop.page(ids)) == 3
+                assert counter.count(pool, lambda: _shop.bulk_page(pool, ids)) == 3
+                assert [b.stats().batches for b in (shop.customers, shop.orders, shop.items)] == [
+                    4,
+                    4,
+                    4,
+                ]
+            finally:
+                shop.close()
+    finally:
+        counter.close()
+
+
+def test_shop_is_the_same_for_the_same_seed(pg_admin_dsn: str, shop_dsn: str) -> None:
+    with _server.scratch_database(pg_admin_dsn, "batchsync_shop") as other:
+        counts = _shop.create_shop(other)
+        query = "SELECT sum(hashtext(o::text)) FROM order_items o"
+        with psycopg.connect(other) as a, psycopg.connect(shop_dsn) as b:
+            assert a.execute(query).fetchone() == b.execute(query).fetchone()
+    assert counts["customers"] == 500
+    assert 1000 < counts["orders"] + counts["order_items"] < 10000
+
+
+KEYS = {"queries_per_page", "single_page_ms", "requests_per_s", "p50_ms", "p99_ms"}
+
+
+def test_json_output(pg_admin_dsn: str) -> None:
+    env = dict(os.environ, BATCHSYNC_PG_DSN=pg_admin_dsn)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchsync.demo", "--threads", "2", "--seconds", "0.3", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=50,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert set(report["modes"]) == {"naive", "batched", "bulk"}
+    for figures in report["modes"].values():
+        assert set(figures) >= KEYS
+    assert report["modes"]["batched"]["queries_per_page"] == 3
+    assert report["modes"]["bulk"]["queries_per_page"] == 3
+    assert report["modes"]["naive"]["queries_per_page"] > 50
+    assert report["identical_pages"] is True
+    assert report["settings"]["threads"] == 2
+    assert report["settings"]["rtt_simulated"] is False
+    assert "pages" in done.stderr  # the progress line
+
+
+def test_rtt_and_plot(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> None:
+    chart = tmp_path / "demo.png"
+    args = ["--dsn", pg_admin_dsn, "--threads", "2", "--seconds", "0.2", "--rtt", "1"]
+    assert _cli.main([*args, "--plot", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert "SIMULATED" in out
+    assert "identical page data" in out
+    assert chart.read_bytes().startswith(b"\x89PNG")

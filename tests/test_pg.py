@@ -1,0 +1,420 @@
+"""batchsync.pg against a real PostgreSQL (see tests/pg_fixtures.py)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+psycopg_pool = pytest.importorskip("psycopg_pool")
+
+from psycopg import sql  # noqa: E402
+from psycopg.conninfo import make_conninfo  # noqa: E402
+from psycopg.rows import namedtuple_row  # noqa: E402
+from psycopg_pool import ConnectionPool  # noqa: E402
+
+from batchsync import BatchError, pg  # noqa: E402
+from batchsync.demo._measure import QueryCounter  # noqa: E402
+from batchsync.demo._proxy import Proxy  # noqa: E402
+from batchsync.demo._server import proxied_dsn  # noqa: E402
+
+pytestmark = pytest.mark.pg
+
+PEOPLE = "SELECT id, name FROM people WHERE id = ANY(%(keys)s)"
+PETS = "SELECT id, owner_id, name FROM pets WHERE owner_id = ANY(%(keys)s) ORDER BY id DESC"
+
+
+@pytest.fixture
+def tables(pg_conn: Any) -> Iterator[None]:
+    """people(id, name) with ids 1..5 and pets(id, owner_id, name) of people 1 and 2."""
+    pg_conn.execute(
+        """
+        CREATE TABLE people (id int PRIMARY KEY, name text NOT NULL);
+        INSERT INTO people SELECT i, 'person ' || i FROM generate_series(1, 5) AS i;
+        CREATE TABLE pets (id int PRIMARY KEY, owner_id int NOT NULL, name text NOT NULL);
+        INSERT INTO pets VALUES (1, 1, 'rex'), (2, 1, 'tom'), (3, 2, 'kit'), (4, 1, 'bo');
+        """
+    )
+    yield
+    pg_conn.execute("DROP TABLE people, pets")
+
+
+@pytest.fixture
+def counter(pg_dsn: str) -> Iterator[QueryCounter]:
+    counter = QueryCounter(pg_dsn)
+    yield counter
+    counter.close()
+
+
+def wait_all(futures: list[Any], timeout: float = 10.0) -> list[Any]:
+    return [f.result(timeout) for f in futures]
+
+
+# --- construction -----------------------------------------------------------
+
+
+def test_sql_without_placeholder_is_refused(pg_pool: ConnectionPool[Any]) -> None:
+    with pytest.raises(ValueError) as info:
+        pg.loader(pg_pool, "SELECT id FROM people WHERE id = 1", key="id")
+    assert str(info.value) == (
+        "sql has no placeholder %(keys)s for the batch's keys;"
+        " write it as in 'WHERE id = ANY(%(keys)s)'"
+    )
+
+
+def test_positional_and_unknown_placeholders_are_refused(pg_pool: ConnectionPool[Any]) -> None:
+    with pytest.raises(ValueError, match="positional placeholder '%s'"):
+        pg.loader(pg_pool, "SELECT id FROM people WHERE id = ANY(%s)", key="id")
+    with pytest.raises(ValueError, match=r"placeholder\(s\) %\(other\)s that the loader"):
+        pg.loader(pg_pool, "SELECT id FROM people WHERE id = ANY(%(keys)s) AND %(other)s", key="id")
+    # A literal percent sign is not a placeholder.
+    with pg.loader(
+        pg_pool, "SELECT id FROM people WHERE id = ANY(%(keys)s) AND 'a%%' <> ''", key="id"
+    ):
+        pass
+
+
+def test_composite_sql_needs_one_placeholder_per_column(pg_pool: ConnectionPool[Any]) -> None:
+    with pytest.raises(ValueError, match=r"no placeholder %\(sku\)s"):
+        pg.loader(pg_pool, "SELECT * FROM t WHERE a = ANY(%(tenant_id)s)", key=("tenant_id", "sku"))
+
+
+def test_arguments_are_checked(pg_pool: ConnectionPool[Any]) -> None:
+    with pytest.raises(TypeError, match=r"pool must be a psycopg_pool\.ConnectionPool, got 'x'"):
+        pg.loader("x", PEOPLE, key="id")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="key must name the result column"):
+        pg.loader(pg_pool, PEOPLE, key="")
+    with pytest.raises(TypeError, match="key must be a column name"):
+        pg.loader(pg_pool, PEOPLE, key=["id"])  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="a composite key needs two or more columns"):
+        pg.loader(pg_pool, PEOPLE, key=("id",))
+    with pytest.raises(ValueError, match="partition_setting needs the partition option"):
+        pg.loader(pg_pool, PEOPLE, key="id", partition_setting="app.tenant_id")
+
+
+# --- loading ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("tables")
+def test_one_to_one(pg_pool: ConnectionPool[Any], counter: QueryCounter) -> None:
+    def work() -> None:
+        with pg.loader(pg_pool, PEOPLE, key="id") as people:
+            futures = [people.load(k) for k in (3, 1, 99, 3)]
+            assert wait_all(futures) == [
+                {"id": 3, "name": "person 3"},
+                {"id": 1, "name": "person 1"},
+                None,
+                {"id": 3, "name": "person 3"},
+            ]
+            assert people.get_many([2, 5]) == [
+                {"id": 2, "name": "person 2"},
+                {"id": 5, "name": "person 5"},
+            ]
+            stats = people.stats()
+        assert (stats.batches, stats.keys) == (2, 5)
+
+    # Two batches, two statements counted by the server.
+    assert counter.count(pg_pool, work) == 2
+
+
+@pytest.mark.usefixtures("tables")
+def test_missing_raise(pg_pool: ConnectionPool[Any]) -> None:
+    with pg.loader(pg_pool, PEOPLE, key="id", missing="raise") as people:
+        found, missing = people.load(1), people.load(42)
+        assert found.result(10)["name"] == "person 1"
+        with pytest.raises(KeyError):
+            missing.result(10)
+
+
+@pytest.mark.usefixtures("tables")
+def test_one_to_many(pg_pool: ConnectionPool[Any], counter: QueryCounter) -> None:
+    def work() -> None:
+        with pg.loader(pg_pool, PETS, key="owner_id", many=True) as pets:
+            owners = pets.get_many([1, 2, 3])
+            assert pets.stats().batches == 1
+        assert [[p["name"] for p in rows] for rows in owners] == [
+            ["bo", "tom", "rex"],
+            ["kit"],
+            [],
+        ]
+
+    assert counter.count(pg_pool, work) == 1
+
+
+@pytest.mark.usefixtures("tables")
+def test_row_factory(pg_pool: ConnectionPool[Any]) -> None:
+    with pg.loader(pg_pool, PEOPLE, key="id", row_factory=namedtuple_row) as people:
+        row = people.get(4)
+        assert row is not None
+        assert (row.id, row.name) == (4, "person 4")
+
+
+@pytest.mark.usefixtures("tables")
+def test_duplicate_rows_fail_only_their_key(pg_pool: ConnectionPool[Any]) -> None:
+    with pg.loader(pg_pool, PETS, key="owner_id") as pets:
+        one, many = pets.load(2), pets.load(1)
+        assert one.result(10)["name"] == "kit"
+        with pytest.raises(BatchError, match="more than one row for key 1; use many=True"):
+            many.result(10)
+
+
+def test_composite_keys(pg_pool: ConnectionPool[Any], pg_conn: Any) -> None:
+    pg_conn.execute(
+        """
+        CREATE TABLE stock (tenant_id int, sku text, qty int, PRIMARY KEY (tenant_id, sku));
+        INSERT INTO stock VALUES (1, 'A', 10), (1, 'B', 11), (2, 'A', 20);
+        """
+    )
+    try:
+        with pg.loader(
+            pg_pool,
+            """
+            SELECT tenant_id, sku, qty FROM stock
+            WHERE (tenant_id, sku) IN (
+                SELECT * FROM unnest(%(tenant_id)s::int[], %(sku)s::text[])
+            )
+            """,
+            key=("tenant_id", "sku"),
+        ) as stock:
+            got = stock.get_many([(2, "A"), (1, "B"), (2, "B"), (1, "A")])
+            assert [r and r["qty"] for r in got] == [20, 11, None, 10]
+            assert stock.stats().batches == 1
+            with pytest.raises(TypeError, match="must be tuples of 2 values, got 'A'"):
+                stock.get("A", timeout=10)
+    finally:
+        pg_conn.execute("DROP TABLE stock")
+
+
+@pytest.mark.parametrize(
+    ("column_type", "keys"),
+    [
+        ("int", [1, 2, 3]),
+        ("bigint", [2**40, 7, 2**40 + 1]),
+        ("text", ["a", "b b", "ç"]),
+        ("uuid", [uuid.UUID(int=1), uuid.UUID(int=2), uuid.UUID(int=3)]),
+    ],
+)
+def test_key_types(
+    pg_pool: ConnectionPool[Any], pg_conn: Any, column_type: str, keys: list[Any]
+) -> None:
+    pg_conn.execute(
+        sql.SQL("CREATE TABLE keyed (k {} PRIMARY KEY, n int)").format(sql.SQL(column_type))
+    )
+    try:
+        with pg_conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO keyed VALUES (%s, %s)", [(k, i) for i, k in enumerate(keys[:2])]
+            )
+        with pg.loader(pg_pool, "SELECT k, n FROM keyed WHERE k = ANY(%(keys)s)", key="k") as keyed:
+            got = keyed.get_many(keys)
+        assert [r and r["n"] for r in got] == [0, 1, None]
+    finally:
+        pg_conn.execute("DROP TABLE keyed")
+
+
+@pytest.mark.usefixtures("tables")
+def test_unadaptable_key_fails_its_batch(pg_pool: ConnectionPool[Any]) -> None:
+    with pg.loader(pg_pool, PEOPLE, key="id") as people:
+        future = people.load(object())
+        with pytest.raises(psycopg.ProgrammingError, match="cannot adapt type 'object'"):
+            future.result(10)
+        assert people.get(1, timeout=10) == {"id": 1, "name": "person 1"}
+
+
+@pytest.mark.usefixtures("tables")
+def test_key_column_not_in_result(pg_pool: ConnectionPool[Any]) -> None:
+    query = "SELECT name FROM people WHERE id = ANY(%(keys)s)"
+    with pg.loader(pg_pool, query, key="id") as people, pytest.raises(BatchError) as info:
+        people.get(1, timeout=10)
+    assert str(info.value) == (
+        "the query result has no column 'id' to take the key from (its columns: name)"
+    )
+
+
+# --- failures -------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("tables")
+def test_statement_error_fails_its_batch_only(pg_pool: ConnectionPool[Any]) -> None:
+    query = "SELECT id, 10 / (id - 3) AS x FROM people WHERE id = ANY(%(keys)s)"
+    with pg.loader(pg_pool, query, key="id") as people:
+        bad = [people.load(k) for k in (2, 3)]
+        for future in bad:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                future.result(10)
+        assert [r and r["x"] for r in people.get_many([1, 2], timeout=10)] == [-5, -10]
+        stats = people.stats()
+    assert (stats.batches, stats.failed_batches) == (2, 1)
+
+
+@pytest.mark.usefixtures("tables")
+def test_statement_timeout_then_a_good_batch(pg_dsn: str) -> None:
+    query = """
+        SELECT id, name FROM people, pg_sleep(CASE WHEN 5 = ANY(%(keys)s) THEN 5 ELSE 0 END)
+        WHERE id = ANY(%(keys)s)
+    """
+    kwargs = {"autocommit": True, "options": "-c statement_timeout=200"}
+    with (
+        ConnectionPool(pg_dsn, min_size=1, max_size=1, kwargs=kwargs, open=True) as pool,
+        pg.loader(pool, query, key="id") as people,
+    ):
+        started = time.monotonic()
+        slow = people.load(5)
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            slow.result(10)
+        assert time.monotonic() - started < 3
+        assert people.get(1, timeout=10) == {"id": 1, "name": "person 1"}
+
+
+def _active_backend(pg_conn: Any, marker: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = pg_conn.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{marker}%",),
+        ).fetchone()
+        if row:
+            return int(row[0])
+        time.sleep(0.01)  # polling the server; it has nothing to wait on
+    raise AssertionError(f"no backend runs the query marked {marker!r}")
+
+
+@pytest.mark.usefixtures("tables")
+def test_terminated_backend_fails_its_batch_and_the_pool_recovers(
+    pg_pool: ConnectionPool[Any], pg_conn: Any
+) -> None:
+    marker = f"terminate_me_{secrets.token_hex(4)}"
+    query = f"""
+        SELECT id, name, '{marker}' AS marker
+        FROM people, pg_sleep(CASE WHEN 4 = ANY(%(keys)s) THEN 30 ELSE 0 END)
+        WHERE id = ANY(%(keys)s)
+    """
+    with pg.loader(pg_pool, query, key="id") as people:
+        victims = [people.load(4), people.load(1)]
+        pid = _active_backend(pg_conn, marker)
+        started = time.monotonic()
+        assert pg_conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        for future in victims:
+            with pytest.raises(psycopg.OperationalError):
+                future.result(5)
+        assert time.monotonic() - started < 5
+        assert people.get(2, timeout=10) == {"id": 2, "name": "person 2", "marker": marker}
+        assert people.stats().failed_batches == 1
+
+
+@pytest.mark.usefixtures("tables")
+def test_cut_network_fails_the_batch_and_restore_recovers(pg_dsn: str, pg_proxy: Proxy) -> None:
+    kwargs = {"autocommit": True, "connect_timeout": 2}
+    with (
+        ConnectionPool(
+            proxied_dsn(pg_dsn, pg_proxy.port), min_size=1, max_size=1, kwargs=kwargs, open=True
+        ) as pool,
+        pg.loader(pool, PEOPLE, key="id") as people,
+    ):
+        assert people.get(1, timeout=10) == {"id": 1, "name": "person 1"}
+        pg_proxy.cut()
+        with pytest.raises(psycopg.OperationalError):
+            people.get(2, timeout=10)
+        pg_proxy.restore()
+        pool.wait(10.0)
+        assert people.get(3, timeout=10) == {"id": 3, "name": "person 3"}
+
+
+def test_proxy_adds_round_trip_time(pg_dsn: str) -> None:
+    from batchsync.demo._server import proxy_target
+
+    with (
+        Proxy(proxy_target(pg_dsn), rtt_ms=20) as proxy,
+        psycopg.connect(proxied_dsn(pg_dsn, proxy.port), autocommit=True) as conn,
+    ):
+        started = time.monotonic()
+        for _ in range(5):
+            conn.execute("SELECT 1")
+        elapsed = time.monotonic() - started
+    assert 0.1 <= elapsed < 1.0
+
+
+# --- row-level security ----------------------------------------------------------
+
+
+@pytest.fixture
+def tenant_role(pg_conn: Any, pg_dsn: str) -> Iterator[str]:
+    """A DSN for a LOGIN role that is neither superuser nor owner of tenant_items.
+
+    tenant_items has a policy that shows a row only to the tenant named by the
+    app.tenant_id setting, enabled and forced.
+    """
+    role = f"batchsync_tenant_{secrets.token_hex(4)}"
+    password = secrets.token_hex(8)
+    try:
+        pg_conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+    except psycopg.errors.InsufficientPrivilege:
+        pytest.skip("the test server does not let us create a role")
+    pg_conn.execute(
+        """
+        CREATE TABLE tenant_items (id int PRIMARY KEY, tenant_id int NOT NULL, label text);
+        INSERT INTO tenant_items VALUES (1, 1, 'one-a'), (2, 1, 'one-b'), (3, 2, 'two-a');
+        ALTER TABLE tenant_items ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE tenant_items FORCE ROW LEVEL SECURITY;
+        CREATE POLICY by_tenant ON tenant_items
+            USING (tenant_id = current_setting('app.tenant_id')::int);
+        """
+    )
+    pg_conn.execute(sql.SQL("GRANT SELECT ON tenant_items TO {}").format(sql.Identifier(role)))
+    try:
+        yield make_conninfo(pg_dsn, user=role, password=password)
+    finally:
+        pg_conn.execute("DROP TABLE tenant_items")
+        pg_conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_partition_setting_applies_row_level_security(tenant_role: str) -> None:
+    tenant = threading.local()
+    query = "SELECT id, tenant_id, label FROM tenant_items WHERE id = ANY(%(keys)s)"
+    with (
+        ConnectionPool(
+            tenant_role, min_size=1, max_size=2, kwargs={"autocommit": True}, open=True
+        ) as pool,
+        pg.loader(
+            pool,
+            query,
+            key="id",
+            partition=lambda: tenant.id,
+            partition_setting="app.tenant_id",
+            window=0.05,
+        ) as items,
+    ):
+        with pool.connection() as conn:
+            row = conn.execute(
+                "SELECT current_user, rolsuper, rolbypassrls FROM pg_roles"
+                " WHERE rolname = current_user"
+            ).fetchone()
+            assert row is not None and row[1:] == (False, False)
+        results: dict[int, list[Any]] = {}
+        start = threading.Barrier(2)
+
+        def serve(tenant_id: int) -> None:
+            tenant.id = tenant_id
+            start.wait()
+            results[tenant_id] = items.get_many([1, 2, 3], timeout=10)
+
+        threads = [threading.Thread(target=serve, args=(t,)) for t in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = items.stats()
+    assert [r and r["label"] for r in results[1]] == ["one-a", "one-b", None]
+    assert [r and r["label"] for r in results[2]] == [None, None, "two-a"]
+    assert stats.batches == 2

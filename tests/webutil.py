@@ -1,0 +1,310 @@
+"""Helpers for the web tests and benchmarks: real servers, a concurrent client, server counts.
+
+- ``serve_werkzeug(app)`` / ``serve_waitress(app)``: a real threaded WSGI server on a free
+  loopback port, in a thread of this process; the context manager yields its base URL and
+  stops it (and its threads) at the end.
+- ``fetch_all(urls, threads=16)``: GET every URL from a pool of client threads (urllib, one
+  connection per request); returns the responses in order, with their latencies.
+- ``DatabaseWatch``: reads the server's own statistics for one database from another
+  database (so that reading does not count): ``xact_commit`` and ``pg_stat_activity``.
+
+Run as a script to serve an app in its own process (the benchmarks do)::
+
+    python tests/webutil.py --server waitress --threads 16 module:factory
+    # prints "listening on PORT" once ready; stops on SIGTERM or when stdin closes
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+CLIENT_THREADS = 16
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def serve_werkzeug(app: Any, threads: int = 0) -> Iterator[str]:
+    """Serve app with werkzeug's threaded server (a thread per request; `threads` unused)."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass
+
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="werkzeug-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10.0)
+
+
+@contextmanager
+def serve_waitress(app: Any, threads: int = CLIENT_THREADS) -> Iterator[str]:
+    """Serve app with waitress (a pool of `threads` worker threads) on 127.0.0.1."""
+    import waitress
+
+    server: Any = waitress.create_server(
+        app, host="127.0.0.1", port=0, threads=threads, asyncore_loop_timeout=0.2
+    )
+    thread = threading.Thread(target=server.run, name="waitress-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        _stop_waitress(server)
+        thread.join(10.0)
+
+
+def _stop_waitress(server: Any) -> None:
+    # waitress has no stop(): its loop ends when its socket map is empty. Stop the worker
+    # threads, then have the loop's own thread close every channel, the listening socket
+    # and the trigger (a thunk given to the trigger runs on the loop's thread).
+    server.task_dispatcher.shutdown(timeout=5)
+
+    def close_all() -> None:
+        for dispatcher in list(server._map.values()):
+            dispatcher.handle_close()
+
+    server.trigger.pull_trigger(close_all)
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    seconds: float
+
+
+def get(url: str, headers: Mapping[str, str] | None = None, timeout: float = 20.0) -> Reply:
+    """GET url; an HTTP error status is returned, not raised."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return Reply(response.status, response.read(), time.perf_counter() - started)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return Reply(exc.code, exc.read(), time.perf_counter() - started)
+
+
+def fetch_all(
+    urls: Sequence[str],
+    threads: int = CLIENT_THREADS,
+    headers: Callable[[int], Mapping[str, str]] | None = None,
+) -> list[Reply]:
+    """GET every URL from `threads` client threads at once; return the replies in order.
+
+    headers(i), when given, gives the headers of the i-th request. All threads start
+    together (a barrier), so the server sees `threads` requests in flight from the start.
+    """
+    parties = min(threads, len(urls))
+    start = threading.Barrier(parties)
+
+    def one(i: int) -> Reply:
+        if i < parties:
+            start.wait(10.0)
+        return get(urls[i], headers(i) if headers else None)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="http-client") as pool:
+        return list(pool.map(one, range(len(urls))))
+
+
+def percentile_ms(seconds: Sequence[float], q: float) -> float:
+    """Return the q-quantile (0..1) of latencies, in milliseconds (nearest rank)."""
+    ordered = sorted(seconds)
+    index = min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))
+    return ordered[index] * 1000
+
+
+# -- the server's own counts -----------------------------------------------------------------
+
+
+class DatabaseWatch:
+    """The server's statistics of database `dbname`, read through an admin connection.
+
+    The reading connection is on another database, so its own statements are not counted.
+    A backend publishes its transaction count at the latest when it exits, so counts are
+    read once the app's connections are closed: ``settled_queries()`` waits for that.
+    """
+
+    def __init__(self, admin_dsn: str, dbname: str) -> None:
+        import psycopg
+
+        self.dbname = dbname
+        self._conn = psycopg.connect(admin_dsn, autocommit=True)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> DatabaseWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def backends(self, application_name: str | None = None) -> int:
+        """Client connections open on the database now (of one application_name)."""
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+            " AND backend_type = 'client backend'"
+        )
+        params: list[Any] = [self.dbname]
+        if application_name is not None:
+            sql += " AND application_name = %s"
+            params.append(application_name)
+        row = self._conn.execute(sql, params).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def wait_backends(self, at_most: int, timeout: float = 10.0, **kw: Any) -> int:
+        """Wait until at most `at_most` connections are open; return how many are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.backends(**kw)
+            if n <= at_most or time.monotonic() > deadline:
+                return n
+            time.sleep(0.02)  # polling: the server offers nothing to wait on
+
+    def settled_queries(self, timeout: float = 10.0) -> int:
+        """Return the statements run on the database so far, once no client is connected.
+
+        That is ``xact_commit`` less ``sessions`` of ``pg_stat_database``: under
+        autocommit each statement commits one transaction, and each new connection
+        commits one more while it logs in.
+        """
+        left = self.wait_backends(0, timeout)
+        if left:
+            raise AssertionError(f"{left} connections still open on {self.dbname}")
+        row = self._conn.execute(
+            "SELECT xact_commit - sessions FROM pg_stat_database WHERE datname = %s",
+            [self.dbname],
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+# -- the database ----------------------------------------------------------------------------
+
+# A table under row-level security, for the tenant tests: both tenants have notes numbered
+# 1..20, and a policy shows a session only the rows of the tenant in app.tenant.
+NOTES_SQL = """
+CREATE TABLE notes (
+    id serial PRIMARY KEY,
+    tenant text NOT NULL,
+    number int NOT NULL,
+    body text NOT NULL,
+    UNIQUE (tenant, number)
+);
+INSERT INTO notes (tenant, number, body)
+    SELECT t, n, t || ' note ' || n
+    FROM unnest(ARRAY['acme', 'globex']) AS t, generate_series(1, 20) AS n;
+ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY notes_of_tenant ON notes USING (tenant = current_setting('app.tenant', true));
+"""
+
+TENANTS = ("acme", "globex")
+
+
+@dataclass
+class ShopDatabase:
+    """A scratch database with the demo's shop, the notes table and an app role."""
+
+    admin_dsn: str  # the server's administrator, on its maintenance database
+    owner_dsn: str  # the tables' owner (an administrator), on the shop database
+    dsn: str  # the app's role: not a superuser, not the owner, so RLS applies to it
+    dbname: str
+    role: str
+
+
+@contextmanager
+def shop_database(admin_dsn: str, prefix: str) -> Iterator[ShopDatabase]:
+    """Create a shop database and a login role that may only read it; drop both after."""
+    import secrets
+
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from batchsync.demo._server import scratch_database
+    from batchsync.demo._shop import create_shop
+
+    role = f"{prefix}_app_{secrets.token_hex(4)}"
+    password = secrets.token_hex(8)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+    try:
+        with scratch_database(admin_dsn, prefix) as owner_dsn:
+            create_shop(owner_dsn)
+            with psycopg.connect(owner_dsn, autocommit=True) as conn:
+                conn.execute(NOTES_SQL)
+                conn.execute(
+                    sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(
+                        sql.Identifier(role)
+                    )
+                )
+            dbname = str(conninfo_to_dict(owner_dsn)["dbname"])
+            dsn = make_conninfo(owner_dsn, user=role, password=password)
+            yield ShopDatabase(admin_dsn, owner_dsn, dsn, dbname, role)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+# -- a server in its own process -------------------------------------------------------------
+
+
+def _load(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    obj = getattr(importlib.import_module(module), attr or "app")
+    # A factory (create_app) is called; a WSGI callable (app, application) is served.
+    if isinstance(obj, type) or getattr(obj, "__name__", "").startswith(("create", "make")):
+        return obj()
+    return obj
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a WSGI app on a free loopback port.")
+    parser.add_argument("app", help="module:attribute, a WSGI app or a factory returning one")
+    parser.add_argument("--server", choices=["werkzeug", "waitress"], default="waitress")
+    parser.add_argument("--threads", type=int, default=CLIENT_THREADS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("waitress").setLevel(logging.ERROR)  # queue depth notes under load
+    app = _load(args.app)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    serve = serve_werkzeug if args.server == "werkzeug" else serve_waitress
+    with serve(app, args.threads) as url:
+        print(f"listening on {url.rsplit(':', 1)[1]}", flush=True)
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()
