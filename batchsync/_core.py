@@ -163,6 +163,7 @@ class _Core(Generic[K, V]):
         self.missing_raise = missing == "raise"
         self.eager = eager
         self.name = name
+        self.plain = key_fn is None and partition is None and cache is False
         self._reset()
 
     def _reset(self) -> None:
@@ -236,6 +237,8 @@ class _Core(Generic[K, V]):
 
     def get_many(self, keys: Sequence[K], timeout: float | None) -> list[V | None]:
         """Queue keys, close the window for them, wait, and return the values in order."""
+        if self.plain:
+            return self._get_many_plain(keys, timeout)
         idents = [self._identity(k) for k in keys]
         memo = self._scope_memo()
         latch = _Latch()
@@ -273,6 +276,58 @@ class _Core(Generic[K, V]):
                 raise entry.value
             out.append(entry.value)
         return out
+
+    def _get_many_plain(self, keys: Sequence[K], timeout: float | None) -> list[V | None]:
+        """get_many without key_fn, partition or cache: the hot path, as one tight loop."""
+        try:
+            unique: dict[Any, Any] = dict.fromkeys(keys)
+        except TypeError:
+            for key in keys:
+                self._identity(key)  # raises the TypeError that names the key
+            raise
+        latch = _Latch()
+        with self._lock:  # critical section: de-duplicate, queue
+            if self._closing:
+                raise BatcherClosed(f"batchsync: Batcher {self.name!r} is closed")
+            self._loads += len(keys)
+            self._deduplicated += len(keys) - len(unique)
+            entries, queue = self._entries, self._queue
+            was_open = len(queue) > self._due
+            for key in unique:
+                entry = entries.get(key)
+                if entry is None:
+                    entry = entries[key] = _Entry(key, key, key, None)
+                    queue.append(entry)
+                else:
+                    self._deduplicated += 1
+                entry.waiters.append(latch)
+                unique[key] = entry
+            latch.remaining = len(unique)
+            if unique:
+                self._queued_locked(was_open, not self.eager)
+                if not self._workers:
+                    self._start_workers_locked()
+        if unique:
+            waited = list(unique.values())
+            self.await_entries(waited, lambda: latch.remaining == 0, timeout)
+            if not latch.wait(timeout):
+                raise TimeoutError(f"batchsync: no result within {timeout} s")
+            for entry in waited:
+                if entry.failed:
+                    raise entry.value
+        return [unique[key].value for key in keys]
+
+    def _queued_locked(self, was_open: bool, notify: bool) -> None:
+        """Apply the window rules after keys were queued (see _wait_chunk_locked)."""
+        queue = self._queue
+        if len(queue) - self._due >= self.max_batch_size:
+            self._due = len(queue)  # full: send at once
+            self._cond.notify()
+        elif not was_open:
+            # The window opens: a worker starts timing it.
+            self._deadline = time.monotonic() + self.window
+            if notify:
+                self._cond.notify()
 
     def _scope_memo(self) -> dict[Hashable, Any] | None:
         if not self.cache_scope:
@@ -322,17 +377,9 @@ class _Core(Generic[K, V]):
         self._entries[mkey] = entry
         if memo is not None:
             memo[mkey] = entry
-        queue = self._queue
-        queue.append(entry)
-        waiting = len(queue) - self._due
-        if waiting == 1:
-            # The window opens: a worker starts timing it.
-            self._deadline = time.monotonic() + self.window
-            if notify:
-                self._cond.notify()
-        elif waiting >= self.max_batch_size:
-            self._due = len(queue)
-            self._cond.notify()
+        was_open = len(self._queue) > self._due
+        self._queue.append(entry)
+        self._queued_locked(was_open, notify)
         return entry
 
     # -- waiting -----------------------------------------------------------------------------
