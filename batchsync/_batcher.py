@@ -47,10 +47,15 @@ class Batcher(Generic[K, V]):
         missing: "none" or "raise", for keys a Mapping result leaves out.
         eager: when True, a caller that blocks on a key sends the queue at once instead
             of sitting out the window (see the README, "Choosing the window").
+        inline: when True, a caller that blocks with no timeout and finds a free slot runs
+            the batch function in its own thread instead of handing it to a worker. Only
+            for batch functions that use no thread-bound state (a pool, not a thread-local
+            connection or session): the call also serves other threads' keys.
         name: for thread names and logs; defaults to the batch function's name.
 
     Thread-safe: every method may be called from any thread. The batch function runs on the
-    Batcher's worker threads (started on the first load), never under a batchsync lock.
+    Batcher's worker threads (started on the first load), or with inline=True on a waiting
+    caller's thread, always in a fresh contextvars context and never under a batchsync lock.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class Batcher(Generic[K, V]):
         partition: Callable[[], Hashable] | None = None,
         missing: MissingMode = "none",
         eager: bool = True,
+        inline: bool = False,
         name: str | None = None,
     ) -> None:
         if not callable(batch_fn):
@@ -97,6 +103,7 @@ class Batcher(Generic[K, V]):
             partition=partition,
             missing=missing,
             eager=bool(eager),
+            inline=bool(inline),
             name=name,
         )
         _lifecycle.register(self._core)
@@ -215,6 +222,7 @@ def batched(
     partition: Callable[[], Hashable] | None = ...,
     missing: MissingMode = ...,
     eager: bool = ...,
+    inline: bool = ...,
     name: str | None = ...,
 ) -> Callable[[Callable[[list[K]], BatchResult[V]]], Batcher[K, V]]: ...
 

@@ -150,6 +150,7 @@ class _Core(Generic[K, V]):
         partition: Callable[[], Hashable] | None,
         missing: str,
         eager: bool,
+        inline: bool,
         name: str,
     ) -> None:
         self.batch_fn = batch_fn
@@ -162,6 +163,7 @@ class _Core(Generic[K, V]):
         self.partition_fn = partition
         self.missing_raise = missing == "raise"
         self.eager = eager
+        self.inline = inline
         self.name = name
         self.plain = key_fn is None and partition is None and cache is False
         self._reset()
@@ -390,16 +392,17 @@ class _Core(Generic[K, V]):
         """Do what helps before a caller blocks on entries; the caller then waits for done().
 
         Inside a batch function (or on a worker thread): run the queued chunks here, see
-        _help. On an ordinary thread, when eager: close the window, then, with no timeout to
-        honour, run due chunks on this thread while a slot is free and the caller's own keys
-        are still queued; hand what is left to a worker (see _wait_chunk_locked).
+        _help. On an ordinary thread, when eager: close the window; then, when inline and
+        with no timeout to honour, run due chunks on this thread while a slot is free and
+        the caller's own keys are still queued; hand what is left to a worker.
         """
         if _tls.worker or _tls.running:
             self._help(entries, done)
             return
         if not self.eager:
             return
-        inline = timeout is None  # with a timeout a worker runs it, so the caller can leave
+        # With a timeout a worker runs the batch, so that the caller can leave on time.
+        inline = self.inline and timeout is None
         i, n = 0, len(entries)
         while True:
             while i < n and entries[i].state != _QUEUED:
@@ -482,9 +485,13 @@ class _Core(Generic[K, V]):
         # worker is busy, due keys pile up and the next free worker sends them together, so
         # keys coalesce exactly when the database is the bottleneck, and a lone request pays
         # no window. Futures nobody waits on yet (load without result) still ride the window.
-        # A waiting caller with no timeout may run the chunk itself, in its own thread, when
-        # a slot (max_concurrency) is free: that saves two thread switches per batch, most
-        # of the layer's cost for a lone request. Workers and callers share the slots.
+        # With inline=True a waiting caller with no timeout runs the chunk itself, in its own
+        # thread, when a slot (max_concurrency) is free: that saves the two thread switches
+        # of a hand-over, most of the layer's cost for a lone request. It is opt-in because
+        # the batch function then runs on a caller's thread, where thread-bound state (a
+        # Django connection, a thread-local ORM session) belongs to that caller's request;
+        # batchsync.pg turns it on, as its batch function borrows from a pool. Workers and
+        # inline callers share the slots.
         while True:
             if self._due and self._active < self.max_concurrency:
                 chunk = self._take_locked()

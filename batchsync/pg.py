@@ -188,6 +188,9 @@ def loader(
             )
     query = _Query(pool, sql, key, columns, many, row_factory, partition_setting)
     batcher_options.setdefault("name", f"pg:{','.join(columns)}")
+    # The query borrows a pooled connection and keeps nothing per thread, so a waiting
+    # caller may run it in its own thread (Batcher's inline option): no hand-over cost.
+    batcher_options.setdefault("inline", True)
     return Batcher(query, **batcher_options)
 
 

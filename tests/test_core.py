@@ -320,6 +320,50 @@ def test_without_eager_a_blocking_caller_waits_for_the_window() -> None:
         b.flush()
 
 
+def test_batch_function_runs_on_a_worker_unless_inline() -> None:
+    threads: list[str] = []
+
+    def fn(keys: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return keys
+
+    me = threading.current_thread().name
+    with Batcher(fn, name="w") as worker, Batcher(fn, name="i", inline=True) as inline:
+        worker.get(1)
+        inline.get(1)  # a lone blocking caller runs the call itself
+        inline.get(2, timeout=T)  # with a timeout to honour, a worker runs it
+        inline.load(3).result()
+    assert threads[0].startswith("batchsync-w-")
+    assert threads[1] == me
+    assert threads[2].startswith("batchsync-i-")
+    assert threads[3] == me
+
+
+def test_inline_callers_share_the_slots_with_the_workers() -> None:
+    entered, release = threading.Event(), threading.Event()
+    threads: list[str] = []
+
+    def fn(keys: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        if keys == [1]:
+            entered.set()
+            assert release.wait(T)
+        return keys
+
+    with Batcher(fn, inline=True, max_concurrency=1) as b:
+        first = threading.Thread(target=b.get, args=(1,))
+        first.start()
+        assert entered.wait(T)  # the only slot is taken by the first caller
+        second = b.load(2)
+        done, _ = wait([second], timeout=0.2)
+        assert not done  # no second call while the slot is busy
+        release.set()
+        assert second.result(T) == 2
+        first.join(T)
+    assert threads[0] == first.name
+    assert len(threads) == 2
+
+
 def test_max_concurrency_runs_chunks_side_by_side_and_never_more() -> None:
     barrier = threading.Barrier(3, timeout=T)
     active = peak = 0
