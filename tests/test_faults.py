@@ -29,8 +29,6 @@ from hypothesis import strategies as st
 
 from batchsync import BatchCycleError, Batcher, BatcherClosed, BatchError, current_partition
 
-pytest_plugins = ["tests.pg_fixtures"]
-
 # Generous bounds: they only fire on a hang, never in a healthy run.
 RESOLVE = 10.0
 
@@ -568,11 +566,6 @@ def test_a_raising_callback_affects_no_other_caller_nor_the_worker(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: _deliver lets a BaseException from a done-callback escape, killing the "
-    "worker; the rest of the batch and every later load hang",
-)
 def test_a_callback_raising_baseexception_affects_no_other_caller() -> None:
     b = Batcher(lambda keys: keys, window=60.0, eager=False, name="cbx")
     try:
@@ -864,14 +857,9 @@ def test_keys_given_as_a_string_are_refused() -> None:
         b.load_many("abc")
 
 
-# -- core bugs found while building this matrix (strict xfail until fixed) ---------------
+# -- regressions: core bugs found while building this matrix, since fixed -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a window above threading.TIMEOUT_MAX makes the worker's Condition.wait "
-    "raise OverflowError; the worker dies and the queued key is never answered",
-)
 def test_a_huge_window_does_not_kill_the_worker() -> None:
     b = Batcher(ident, window=1e10, eager=False, name="huge")
     try:
@@ -885,11 +873,6 @@ def test_a_huge_window_does_not_kill_the_worker() -> None:
         b.close(timeout=1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: get(timeout=inf) and close(timeout=inf) raise OverflowError from "
-    "Lock.acquire; expected: wait without a bound, as timeout=None does",
-)
 def test_an_infinite_timeout_means_no_timeout() -> None:
     b = Batcher(ident)
     try:
@@ -910,11 +893,6 @@ class _BrokenSequence(Sequence[int]):
         raise IndexError(i)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a Sequence result is indexed in _finish, under the lock and outside the "
-    "try: an item that raises kills the worker and its keys hang, even through close(timeout)",
-)
 def test_a_sequence_whose_items_raise_fails_its_keys_instead_of_hanging() -> None:
     b = Batcher(lambda keys: _BrokenSequence(len(keys)), name="brokenseq")
     try:
