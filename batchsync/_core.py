@@ -119,6 +119,22 @@ def _resolved(value: Any, failed: bool) -> _LoadFuture[Any]:
     return fut
 
 
+def _collect(
+    entry: _Entry, futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]
+) -> None:
+    """Count a finished entry down on its latches; gather its futures and opened latches.
+
+    Called under the core's lock; _deliver then resolves what was gathered, outside it.
+    """
+    for w in entry.waiters:
+        if type(w) is _Latch:
+            w.remaining -= 1
+            if not w.remaining:
+                latches.append(w)
+        else:
+            futures.append((w, entry))
+
+
 def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -> None:
     """Resolve futures and open latches; called with no batchsync lock held. Never raises."""
     for latch in latches:
@@ -654,13 +670,7 @@ class _Core(Generic[K, V]):
                 del self._entries[entry.mkey]
                 if self.cache_all and not failed:
                     self._cache[entry.mkey] = value
-                for w in entry.waiters:
-                    if type(w) is _Latch:
-                        w.remaining -= 1
-                        if not w.remaining:
-                            latches.append(w)
-                    else:
-                        futures.append((w, entry))
+                _collect(entry, futures, latches)
         _deliver(futures, latches)
 
     # -- control -----------------------------------------------------------------------------
@@ -707,13 +717,7 @@ class _Core(Generic[K, V]):
                 entry.value = BatcherClosed(
                     f"batchsync: Batcher {self.name!r} closed before key {entry.key!r} was answered"
                 )
-                for w in entry.waiters:
-                    if type(w) is _Latch:
-                        w.remaining -= 1
-                        if not w.remaining:
-                            latches.append(w)
-                    else:
-                        futures.append((w, entry))
+                _collect(entry, futures, latches)
         _deliver(futures, latches)
 
     @property

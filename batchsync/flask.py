@@ -105,6 +105,7 @@ class BatchSync:
         partition: Callable[[], Hashable] | None = ...,
         missing: MissingMode = ...,
         eager: bool = ...,
+        inline: bool = ...,
         name: str | None = ...,
     ) -> Callable[[Callable[[list[K]], BatchResult[V]]], Batcher[K, V]]: ...
 
