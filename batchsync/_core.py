@@ -526,7 +526,11 @@ class _Core(Generic[K, V]):
                     continue
                 self._cond.wait(min(delay, threading.TIMEOUT_MAX))
             elif self._closing:
-                return None
+                if not self._active:
+                    return None
+                # A call still runs on a caller's thread (inline, or nested in another
+                # Batcher's batch): close() waits for it, so the workers do too.
+                self._cond.wait()
             else:
                 self._cond.wait()
 
@@ -658,7 +662,9 @@ class _Core(Generic[K, V]):
                 self._failed_batches += 1
             self._running -= len(chunk)
             self._active -= 1
-            if wake and self._due:
+            if self._closing and not self._active:
+                self._cond.notify_all()  # the last call in flight: the workers may end
+            elif wake and self._due:
                 self._cond.notify()  # a slot is free for the next due chunk
             for i, entry in enumerate(chunk):
                 if entry.state == _DONE:

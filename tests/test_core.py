@@ -617,6 +617,28 @@ def test_close_dispatches_queued_keys_and_refuses_new_loads() -> None:
     assert b.closed
 
 
+def test_close_waits_for_a_call_running_on_an_inline_caller() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        entered.set()
+        assert release.wait(T)
+        return keys
+
+    b = Batcher(fn, inline=True)
+    caller = threading.Thread(target=b.get, args=(1,))
+    caller.start()
+    assert entered.wait(T)  # the call runs on the caller's thread
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # close() waits for the call in flight
+    release.set()
+    closer.join(T)
+    caller.join(T)
+    assert not closer.is_alive()
+
+
 def test_close_with_timeout_fails_what_is_left_with_batcherclosed() -> None:
     release = threading.Event()
 
