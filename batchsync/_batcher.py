@@ -153,12 +153,12 @@ class Batcher(Generic[K, V]):
     def prime(self, key: K, value: V) -> None:
         """Put a value in the cache for key (the current scope's, with cache="scope")."""
         self._need_cache("prime")
-        self._core.prime(self._core._identity(key)[1], value)
+        self._core.prime(self._core.identities((key,))[0][1], value)
 
     def clear(self, key: K) -> None:
         """Forget the cached value of key, so the next load calls the batch function."""
         self._need_cache("clear")
-        self._core.clear(self._core._identity(key)[1])
+        self._core.clear(self._core.identities((key,))[0][1])
 
     def clear_all(self) -> None:
         """Forget every cached value (with cache="scope", those of the current scope)."""

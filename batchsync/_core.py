@@ -203,14 +203,15 @@ class _Core(Generic[K, V]):
 
     # -- identities --------------------------------------------------------------------------
 
-    def _identity(self, key: Any) -> tuple[Hashable, Hashable, Hashable]:
+    def identities(self, keys: Sequence[Any]) -> list[tuple[Hashable, Hashable, Hashable]]:
+        """Return (ident, mkey, partition) per key; the partition function runs once."""
+        part = None if self.partition_fn is None else self.partition_fn()
+        return [self._identity(key, part) for key in keys]
+
+    def _identity(self, key: Any, part: Hashable) -> tuple[Hashable, Hashable, Hashable]:
         """Return (ident, mkey, partition) of a key; raise TypeError for an unhashable one."""
         ident = key if self.key_fn is None else self.key_fn(key)
-        part: Hashable = None
-        mkey = ident
-        if self.partition_fn is not None:
-            part = self.partition_fn()
-            mkey = (part, ident)
+        mkey = ident if self.partition_fn is None else (part, ident)
         try:
             hash(mkey)
         except TypeError:
@@ -228,7 +229,7 @@ class _Core(Generic[K, V]):
 
     def load_many(self, keys: Sequence[K]) -> list[Future[V]]:
         """Queue keys and return one future per key, in order."""
-        idents = [self._identity(k) for k in keys]
+        idents = self.identities(keys)
         futures: list[Future[V]] = []
         memo = self._scope_memo()
         with self._lock:  # critical section: look up, de-duplicate, queue
@@ -257,7 +258,7 @@ class _Core(Generic[K, V]):
         """Queue keys, close the window for them, wait, and return the values in order."""
         if self.plain:
             return self._get_many_plain(keys, timeout)
-        idents = [self._identity(k) for k in keys]
+        idents = self.identities(keys)
         memo = self._scope_memo()
         latch = _Latch()
         slots: list[_Entry] = []
@@ -301,7 +302,7 @@ class _Core(Generic[K, V]):
             unique: dict[Any, Any] = dict.fromkeys(keys)
         except TypeError:
             for key in keys:
-                self._identity(key)  # raises the TypeError that names the key
+                self._identity(key, None)  # raises the TypeError that names the key
             raise
         latch = _Latch()
         with self._lock:  # critical section: de-duplicate, queue
@@ -425,7 +426,8 @@ class _Core(Generic[K, V]):
                 i += 1
             chunk = None
             with self._lock:  # critical section: close the window, take a chunk or hand over
-                self._due = len(self._queue)
+                if i < n:  # some of the caller's keys are still queued: close their window
+                    self._due = len(self._queue)
                 if self._due and self._active < self.max_concurrency:
                     if inline and i < n:
                         chunk = self._take_locked()
