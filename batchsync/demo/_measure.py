@@ -133,8 +133,11 @@ def single_page_ms(
     machine costs every mode alike; at least 5 rounds, then until `rounds` or
     `budget` seconds.
     """
-    for serve in serves.values():
-        serve()
+    # Warm up: every mode's statements get prepared (psycopg prepares a statement on its
+    # fifth run on a connection) and the pool's connections are all touched.
+    for _ in range(10):
+        for serve in serves.values():
+            serve()
     times: dict[str, list[float]] = {name: [] for name in serves}
     deadline = time.perf_counter() + budget
     for done in range(rounds):
