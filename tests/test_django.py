@@ -284,3 +284,59 @@ def test_async_view_awaits_without_blocking_the_loop(site: dict[str, Any]) -> No
     # one batch each; instead they wait together and share batches.
     assert after.batches - before.batches < 20
     assert ticks > 0
+
+
+def test_model_loader_reads_the_database_named_by_using(
+    site: dict[str, Any], shop: ShopDatabase
+) -> None:
+    import psycopg
+    from django.db import connections
+    from psycopg.conninfo import conninfo_to_dict
+    from shop.models import Customer
+
+    from batchsync.demo._server import scratch_database
+    from batchsync.django import model_loader
+
+    with scratch_database(shop.admin_dsn, "batchsync_replica") as replica_dsn:
+        with psycopg.connect(replica_dsn, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE customers (id int PRIMARY KEY, name text, email text, city text)"
+            )
+            conn.execute("INSERT INTO customers VALUES (1, 'replica one', 'r@x', 'R')")
+        params = conninfo_to_dict(replica_dsn)
+        connections.settings["replica"] = {
+            **connections.settings["default"],
+            "NAME": params["dbname"],
+            "USER": params.get("user", ""),
+            "PASSWORD": params.get("password", ""),
+        }
+        try:
+            with model_loader(Customer, using="replica", cache=False) as on_replica:
+                assert on_replica.get(1).name == "replica one"
+                assert on_replica.get(2) is None  # the replica holds customer 1 only
+            with model_loader(Customer, cache=False) as on_default:
+                assert on_default.get(1).name == "Customer 1"
+        finally:
+            del connections.settings["replica"]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        (("Customer",), {}, TypeError, "takes a Django model class or QuerySet, not 'Customer'"),
+        ((None,), {"field": "nickname"}, ValueError, "Customer has no field 'nickname'"),
+        ((None,), {"using": "nowhere"}, ValueError, "using='nowhere' names no database"),
+        ((None,), {"many": "yes"}, TypeError, "many must be a bool, not 'yes'"),
+        ((None,), {"partition_setting": "app.t"}, ValueError, "needs the partition option"),
+    ],
+)
+def test_model_loader_refuses_bad_arguments(
+    site: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any], error: type, message: str
+) -> None:
+    from shop.models import Customer
+
+    from batchsync.django import model_loader
+
+    model = args[0] if args[0] is not None else Customer
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        model_loader(model, **kwargs)
