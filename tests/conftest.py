@@ -24,7 +24,7 @@ def no_leaked_threads() -> Iterator[None]:
     """
     before = _batchsync_threads()
     yield
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 15.0
     leaked = _batchsync_threads() - before
     while leaked and time.monotonic() < deadline:
         time.sleep(0.01)  # polling for threads to end; there is no event to wait on

@@ -134,7 +134,7 @@ def _stop_workers(loader: Any) -> None:
     # guard wants no worker left after a test, so end the workers and make the core
     # ready to start new ones (what the fork hook does for a child process).
     core = loader._core
-    core.close(5.0)
+    core.close(15.0)
     core._reset()
 
 
