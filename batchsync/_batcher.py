@@ -8,12 +8,15 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Generic, overload
+from typing import TYPE_CHECKING, Any, Generic, overload
 
 from . import _lifecycle
 from ._core import _Core, check_timeout
 from ._stats import Stats
-from ._types import BatchResult, CacheMode, K, MissingMode, V
+from ._types import BatcherOptions, BatchResult, CacheMode, K, MissingMode, V
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Batcher", "aload", "batched"]
 
@@ -213,17 +216,7 @@ def batched(fn: Callable[[list[K]], BatchResult[V]], /) -> Batcher[K, V]: ...
 
 @overload
 def batched(
-    *,
-    window: float = ...,
-    max_batch_size: int = ...,
-    max_concurrency: int = ...,
-    cache: CacheMode = ...,
-    key_fn: Callable[[Any], Hashable] | None = ...,
-    partition: Callable[[], Hashable] | None = ...,
-    missing: MissingMode = ...,
-    eager: bool = ...,
-    inline: bool = ...,
-    name: str | None = ...,
+    **options: Unpack[BatcherOptions],
 ) -> Callable[[Callable[[list[K]], BatchResult[V]]], Batcher[K, V]]: ...
 
 

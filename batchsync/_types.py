@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -23,3 +23,18 @@ PartitionFn = Callable[[], Hashable]
 
 CacheMode = bool | Literal["scope"]
 MissingMode = Literal["none", "raise"]
+
+
+class BatcherOptions(TypedDict, total=False):
+    """The keyword options of Batcher, for decorators that pass them on (``batched``)."""
+
+    window: float
+    max_batch_size: int
+    max_concurrency: int
+    cache: CacheMode
+    key_fn: Callable[[Any], Hashable] | None
+    partition: Callable[[], Hashable] | None
+    missing: MissingMode
+    eager: bool
+    inline: bool
+    name: str | None

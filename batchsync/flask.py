@@ -34,9 +34,9 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 try:
     from flask import Flask, g
@@ -46,7 +46,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from batchsync import Batcher, BatcherClosed, scope
-from batchsync._types import BatchResult, CacheMode, K, MissingMode, V
+from batchsync._types import BatcherOptions, BatchResult, K, V
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["BatchSync"]
 
@@ -94,19 +97,7 @@ class BatchSync:
 
     @overload
     def loader(
-        self,
-        /,
-        *,
-        window: float = ...,
-        max_batch_size: int = ...,
-        max_concurrency: int = ...,
-        cache: CacheMode = ...,
-        key_fn: Callable[[Any], Hashable] | None = ...,
-        partition: Callable[[], Hashable] | None = ...,
-        missing: MissingMode = ...,
-        eager: bool = ...,
-        inline: bool = ...,
-        name: str | None = ...,
+        self, /, **options: Unpack[BatcherOptions]
     ) -> Callable[[Callable[[list[K]], BatchResult[V]]], Batcher[K, V]]: ...
 
     def loader(
