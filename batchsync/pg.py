@@ -67,7 +67,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from operator import itemgetter
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 try:
     import psycopg
@@ -79,7 +79,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from batchsync import Batcher, current_partition
+from batchsync._types import BatcherOptions
 from batchsync.errors import BatchError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["loader"]
 
@@ -103,7 +107,7 @@ def loader(
     many: Literal[False] = False,
     row_factory: RowFactory[R],
     partition_setting: str | None = None,
-    **batcher_options: Any,
+    **batcher_options: Unpack[BatcherOptions],
 ) -> Batcher[Any, R | None]: ...
 
 
@@ -116,7 +120,7 @@ def loader(
     many: Literal[True],
     row_factory: RowFactory[R],
     partition_setting: str | None = None,
-    **batcher_options: Any,
+    **batcher_options: Unpack[BatcherOptions],
 ) -> Batcher[Any, list[R]]: ...
 
 
@@ -128,7 +132,7 @@ def loader(
     key: str | tuple[str, ...],
     many: Literal[False] = False,
     partition_setting: str | None = None,
-    **batcher_options: Any,
+    **batcher_options: Unpack[BatcherOptions],
 ) -> Batcher[Any, DictRow | None]: ...
 
 
@@ -140,7 +144,7 @@ def loader(
     key: str | tuple[str, ...],
     many: Literal[True],
     partition_setting: str | None = None,
-    **batcher_options: Any,
+    **batcher_options: Unpack[BatcherOptions],
 ) -> Batcher[Any, list[DictRow]]: ...
 
 
@@ -152,7 +156,7 @@ def loader(
     many: bool = False,
     row_factory: RowFactory[Any] = dict_row,
     partition_setting: str | None = None,
-    **batcher_options: Any,
+    **batcher_options: Unpack[BatcherOptions],
 ) -> Batcher[Any, Any]:
     """Return a Batcher that loads rows by key with one `sql` query per batch.
 
