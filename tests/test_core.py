@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import random
@@ -862,3 +863,62 @@ def test_property_every_key_answered_once_sent_in_bounded_unique_chunks(
         assert 1 <= len(call) <= size
         assert len(set(call)) == len(call)
     assert sorted(rec.sent) == sorted(set(keys))
+
+
+# -- what the peers get wrong ------------------------------------------------------------------
+
+_request_user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="nobody")
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_batch_function_sees_none_of_its_callers_context(inline: bool) -> None:
+    # One call serves many callers: it must not run with one caller's request context
+    # (graph-gophers/dataloader runs a batch with the first caller's context).
+    seen: list[str] = []
+
+    def fn(keys: list[int]) -> list[int]:
+        seen.append(_request_user.get())
+        return keys
+
+    with Batcher(fn, inline=inline) as b:
+        token = _request_user.set("alice")
+        try:
+            assert b.get(1) == 1
+        finally:
+            _request_user.reset(token)
+    assert seen == ["nobody"]
+
+
+def test_failures_are_not_cached_in_a_scope_either() -> None:
+    attempts: list[list[int]] = []
+
+    def fn(keys: list[int]) -> list[Any]:
+        attempts.append(keys)
+        return [ConnectionError("transient") if len(attempts) == 1 else k for k in keys]
+
+    with Batcher(fn, cache="scope") as b, scope():
+        with pytest.raises(ConnectionError):
+            b.get(1, timeout=T)
+        assert b.get(1, timeout=T) == 1  # retried, not served the cached failure
+        assert b.get(1, timeout=T) == 1  # and now memoized
+    assert attempts == [[1], [1]]
+
+
+def test_loads_chained_in_callbacks_resolve_without_anyone_blocking() -> None:
+    # java-dataloader hangs when a load is made from a completion callback and nobody
+    # dispatches it; here the window sends it.
+    done = threading.Event()
+    result: list[Any] = []
+    with Batcher(Recorder(), window=0.001) as b:
+
+        def second(f: Future[Any]) -> None:
+            result.append(f.result())
+            done.set()
+
+        def first(f: Future[Any]) -> None:
+            result.append(f.result())
+            b.load(f.result()).add_done_callback(second)
+
+        b.load(1).add_done_callback(first)
+        assert done.wait(T)
+    assert result == [10, 100]
