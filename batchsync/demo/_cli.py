@@ -18,7 +18,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import _measure, _server, _shop
-from ._proxy import Proxy
+from ._proxy import proxy_process
 
 __all__ = ["main", "run"]
 
@@ -99,8 +99,8 @@ def _shop_database(dsn: str | None, rtt_ms: float) -> Iterator[tuple[str, str, d
         facts.update(counts)
         use = db
         if rtt_ms > 0:
-            proxy = stack.enter_context(Proxy(_server.proxy_target(db), rtt_ms=rtt_ms))
-            use = _server.proxied_dsn(db, proxy.port)
+            port = stack.enter_context(proxy_process(_server.proxy_target(db), rtt_ms))
+            use = _server.proxied_dsn(db, port)
         yield use, db, facts
 
 
@@ -219,7 +219,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if s["rtt_simulated"]:
         lines.append(
-            f"network: SIMULATED, a TCP proxy on 127.0.0.1 adds {s['rtt_ms']:g} ms per round trip"
+            f"network: SIMULATED, a TCP proxy process on 127.0.0.1 adds {s['rtt_ms']:g} ms"
+            " per round trip"
         )
     else:
         lines.append("network: none added (direct connection)")

@@ -1,7 +1,9 @@
 """A TCP proxy on loopback that adds network latency and cuts connections.
 
 The demo puts it in front of the database to simulate a network round trip
-(``--rtt``); the tests use it to cut the server off. Standard library only:
+(``--rtt``), in a process of its own (`proxy_process`) so that forwarding does not
+compete for the interpreter lock with the client threads it measures; the tests use it
+in-process to cut the server off. Standard library only:
 one accepting thread, and per connection one thread per direction, plus one
 more per direction when a delay is set (a reader that stamps each chunk with
 its due time and a writer that sends it then, so latency is added without
@@ -10,15 +12,19 @@ limiting throughput). All threads are daemons; `close()` stops them all.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Literal
 
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "proxy_process"]
 
 logger = logging.getLogger("batchsync.demo.proxy")
 
@@ -241,3 +247,54 @@ def _shut(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+@contextlib.contextmanager
+def proxy_process(target: str | tuple[str, int], rtt_ms: float) -> Iterator[int]:
+    """Run a Proxy to target in a child process; yield its port; stop it at the end."""
+    where = ["--unix", target] if isinstance(target, str) else ["--tcp", f"{target[0]}:{target[1]}"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "batchsync.demo._proxy", *where, "--rtt", str(rtt_ms)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError(f"the proxy process did not start (it said {line!r})")
+        yield int(line)
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()  # the child's signal to stop
+        try:
+            child.wait(10.0)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def main() -> None:
+    """Serve a Proxy until standard input closes; print its port first."""
+    ap = argparse.ArgumentParser(description="A latency-adding TCP proxy on 127.0.0.1.")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--unix", help="forward to this unix socket path")
+    group.add_argument("--tcp", help="forward to HOST:PORT")
+    ap.add_argument("--rtt", type=float, default=0.0, help="milliseconds per round trip")
+    args = ap.parse_args()
+    target: str | tuple[str, int]
+    if args.unix:
+        target = args.unix
+    else:
+        host, _, port = args.tcp.rpartition(":")
+        target = (host, int(port))
+    with Proxy(target, rtt_ms=args.rtt) as proxy:
+        print(proxy.port, flush=True)
+        sys.stdin.read()  # until the parent closes our stdin (or exits)
+
+
+if __name__ == "__main__":
+    main()
