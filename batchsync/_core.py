@@ -74,7 +74,9 @@ class _Entry:
 
     __slots__ = ("failed", "ident", "key", "mkey", "partition", "state", "value", "waiters")
 
-    def __init__(self, key: Any, ident: Hashable, mkey: Hashable, partition: Hashable) -> None:
+    def __init__(
+        self, key: Any, ident: Hashable, mkey: Hashable, partition: Hashable, waiter: Any = None
+    ) -> None:
         self.key = key
         self.ident = ident  # the key's identity (key_fn(key) or the key itself)
         self.mkey = mkey  # identity within the batcher: (partition, ident) when partitioned
@@ -82,7 +84,7 @@ class _Entry:
         self.state = _QUEUED
         self.value: Any = None
         self.failed = False
-        self.waiters: list[Any] = []
+        self.waiters: list[Any] = [] if waiter is None else [waiter]
 
 
 class _LoadFuture(Future[V]):
@@ -315,11 +317,11 @@ class _Core(Generic[K, V]):
             for key in unique:
                 entry = entries.get(key)
                 if entry is None:
-                    entry = entries[key] = _Entry(key, key, key, None)
+                    entry = entries[key] = _Entry(key, key, key, None, latch)
                     queue.append(entry)
                 else:
                     self._deduplicated += 1
-                entry.waiters.append(latch)
+                    entry.waiters.append(latch)
                 unique[key] = entry
             latch.remaining = len(unique)
             if unique:
@@ -558,10 +560,11 @@ class _Core(Generic[K, V]):
         for entry in chunk:
             waiters = entry.waiters
             cancelled = False
-            for w in waiters:
-                # Once running, a future can no longer be cancelled by its caller.
-                if type(w) is not _Latch and not w.set_running_or_notify_cancel():
-                    cancelled = True
+            if len(waiters) != 1 or type(waiters[0]) is not _Latch:  # any futures?
+                for w in waiters:
+                    # Once running, a future can no longer be cancelled by its caller.
+                    if type(w) is not _Latch and not w.set_running_or_notify_cancel():
+                        cancelled = True
             if cancelled:
                 entry.waiters = waiters = [
                     w for w in waiters if type(w) is _Latch or not w.cancelled()
@@ -678,7 +681,14 @@ class _Core(Generic[K, V]):
                 del self._entries[entry.mkey]
                 if self.cache_all and not failed:
                     self._cache[entry.mkey] = value
-                _collect(entry, futures, latches)
+                waiters = entry.waiters
+                if len(waiters) == 1 and type(waiters[0]) is _Latch:  # one get_many caller
+                    latch = waiters[0]
+                    latch.remaining -= 1
+                    if not latch.remaining:
+                        latches.append(latch)
+                else:
+                    _collect(entry, futures, latches)
         _deliver(futures, latches)
 
     # -- control -----------------------------------------------------------------------------

@@ -37,10 +37,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pages", type=int, default=100)
     ap.add_argument("--dsn", default=None)
+    ap.add_argument("--pool", type=int, default=4, help="connections in the pool")
     args = ap.parse_args()
     with _server.server(args.dsn) as admin, _server.scratch_database(admin) as dsn:
         _shop.create_shop(dsn)
-        with ConnectionPool(dsn, min_size=4, max_size=4, kwargs={"autocommit": True}) as pool:
+        with ConnectionPool(dsn, min_size=args.pool, max_size=args.pool, kwargs={"autocommit": True}) as pool:
             ids = _shop.page_ids(0)
             shop = _shop.BatchedShop(pool, window=0.002, max_concurrency=2)
             try:

@@ -125,13 +125,13 @@ class QueryCounter:
 
 
 def single_page_ms(
-    serves: dict[str, Callable[[], object]], budget: float = 1.5, rounds: int = 100
+    serves: dict[str, Callable[[], object]], budget: float = 3.0, rounds: int = 200
 ) -> dict[str, float]:
     """Return the median time in ms of each of `serves`, called in turn.
 
-    The calls are interleaved, round after round, so that a slow moment of the
-    machine costs every mode alike; at least 5 rounds, then until `rounds` or
-    `budget` seconds.
+    The calls are interleaved, round after round and in a rotating order, so
+    that a slow moment of the machine costs every mode alike; at least 5 rounds,
+    then until `rounds` or `budget` seconds.
     """
     # Warm up: every mode's statements get prepared (psycopg prepares a statement on its
     # fifth run on a connection) and the pool's connections are all touched.
@@ -140,10 +140,14 @@ def single_page_ms(
             serve()
     times: dict[str, list[float]] = {name: [] for name in serves}
     deadline = time.perf_counter() + budget
+    order = list(serves.items())
     for done in range(rounds):
         if done >= 5 and time.perf_counter() > deadline:
             break
-        for name, serve in serves.items():
+        # Rotate the order each round: a page runs slower right after another mode's
+        # (caches, the pool's connections), and no mode should always follow the same one.
+        shift = done % len(order)
+        for name, serve in order[shift:] + order[:shift]:
             start = time.perf_counter()
             serve()
             times[name].append(time.perf_counter() - start)
