@@ -41,7 +41,8 @@ def main() -> int:
     args = ap.parse_args()
     with _server.server(args.dsn) as admin, _server.scratch_database(admin) as dsn:
         _shop.create_shop(dsn)
-        with ConnectionPool(dsn, min_size=args.pool, max_size=args.pool, kwargs={"autocommit": True}) as pool:
+        size, options = args.pool, {"autocommit": True}
+        with ConnectionPool(dsn, min_size=size, max_size=size, kwargs=options) as pool:
             ids = _shop.page_ids(0)
             shop = _shop.BatchedShop(pool, window=0.002, max_concurrency=2)
             try:

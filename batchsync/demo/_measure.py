@@ -95,7 +95,7 @@ class QueryCounter:
     def _overhead(self, pool: ConnectionPool[Any]) -> int:
         return 0 if self.source == "pg_stat_statements" else pool.max_size + 1
 
-    def count(self, pool: ConnectionPool[Any], work: Callable[[], object], tries: int = 3) -> int:
+    def count(self, pool: ConnectionPool[Any], work: Callable[[], object], tries: int = 5) -> int:
         """Return the statements `work()` runs, the least of `tries` runs.
 
         Other sessions (autovacuum) may commit in the database at the same
