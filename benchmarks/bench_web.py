@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from batchsync.demo._child import child_process  # noqa: E402
 from tests.webutil import get, percentile_ms  # noqa: E402
 
 PAGES = 10
@@ -50,30 +50,14 @@ def app_server(name: str, dsn: str, threads: int) -> Iterator[str]:
     env = dict(os.environ)
     env[variable] = dsn
     env["PYTHONPATH"] = os.pathsep.join([str(path), str(ROOT), env.get("PYTHONPATH", "")])
-    child = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "webutil.py"), spec, "--server", server,
-         "--threads", str(threads)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
+    command = [
+        sys.executable, str(ROOT / "tests" / "webutil.py"), spec, "--server", server,
+        "--threads", str(threads),
+    ]
+    with child_process(command, env) as line:
         if not line.startswith("listening on "):
             raise RuntimeError(f"the {name} server did not start: {line!r}")
         yield f"http://127.0.0.1:{line.split()[-1]}"
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()  # the server stops when its stdin closes
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
 
 
 def load(url: str, clients: int, seconds: float) -> tuple[float, float, float]:

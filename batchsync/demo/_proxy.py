@@ -17,12 +17,13 @@ import contextlib
 import logging
 import queue
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Literal
+
+from ._child import child_process
 
 __all__ = ["Proxy", "proxy_process"]
 
@@ -253,28 +254,11 @@ def _shut(sock: socket.socket) -> None:
 def proxy_process(target: str | tuple[str, int], rtt_ms: float) -> Iterator[int]:
     """Run a Proxy to target in a child process; yield its port; stop it at the end."""
     where = ["--unix", target] if isinstance(target, str) else ["--tcp", f"{target[0]}:{target[1]}"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "batchsync.demo._proxy", *where, "--rtt", str(rtt_ms)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        if not line.strip().isdigit():
+    command = [sys.executable, "-m", "batchsync.demo._proxy", *where, "--rtt", str(rtt_ms)]
+    with child_process(command) as line:
+        if not line.isdigit():
             raise RuntimeError(f"the proxy process did not start (it said {line!r})")
         yield int(line)
-    finally:
-        if child.stdin is not None:
-            child.stdin.close()  # the child's signal to stop
-        try:
-            child.wait(10.0)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
 
 
 def main() -> None:

@@ -98,3 +98,4 @@ def proxied_dsn(dsn: str, port: int) -> str:
     params.pop("hostaddr", None)
     params.update(host="127.0.0.1", port=str(port))
     return make_conninfo("", **params)
+
