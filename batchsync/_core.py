@@ -8,7 +8,7 @@ more can be collected, and its finalizer closes the core.
 Life of a key::
 
     load/get_many ──> _Entry queued ──(window closes | full | flush | a caller waits)──> due
-    due ──(a free worker takes a chunk)──> running ──(batch function returns)──> done
+    due ──(a free slot: a worker, or an inline caller)──> running ──(returns)──> done
 
 A key loaded again while its entry is queued or running joins that entry (one more waiter)
 instead of being sent twice. Waiters are either ``_LoadFuture`` objects (``load``) or a
@@ -505,6 +505,7 @@ class _Core(Generic[K, V]):
         # worker is busy, due keys pile up and the next free worker sends them together, so
         # keys coalesce exactly when the database is the bottleneck, and a lone request pays
         # no window. Futures nobody waits on yet (load without result) still ride the window.
+        #
         # With inline=True a waiting caller with no timeout runs the chunk itself, in its own
         # thread, when a slot (max_concurrency) is free: that saves the two thread switches
         # of a hand-over, most of the layer's cost for a lone request. It is opt-in because
