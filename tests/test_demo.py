@@ -110,3 +110,19 @@ def test_rtt_and_plot(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> None:
     assert "SIMULATED" in out
     assert "identical page data" in out
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_arguments_and_an_unreachable_server_get_a_clear_error(capsys: Any) -> None:
+    for args, message in [
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--seconds", "0"], "--seconds must be > 0"),
+        (["--rtt", "-1"], "--rtt must be >= 0"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            _cli.main(args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    # Port 1 on loopback: nothing listens there.
+    assert _cli.main(["--dsn", "postgresql://nobody@127.0.0.1:1/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchsync demo: cannot use the database: connection failed")

@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _server.NoServer as exc:
         print(f"batchsync demo: {exc}", file=sys.stderr)
         return 2
+    except psycopg.OperationalError as exc:
+        print(f"batchsync demo: cannot use the database: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
