@@ -239,6 +239,8 @@ async def aload(batcher: Batcher[K, V], key: K) -> V | None:
     The key is queued and its window closed at once (the task is about to wait for it);
     the batch runs on the Batcher's worker thread.
     """
+    if not isinstance(batcher, Batcher):
+        raise TypeError(f"batchsync: aload() takes a Batcher, not {batcher!r}")
     fut = batcher.load(key)
     batcher.flush()
     return await asyncio.wrap_future(fut)

@@ -676,6 +676,11 @@ def test_aload_from_asyncio() -> None:
         assert asyncio.run(main(b)) == [k * 10 for k in range(5)]
 
 
+def test_aload_refuses_what_is_not_a_batcher() -> None:
+    with pytest.raises(TypeError, match=r"aload\(\) takes a Batcher, not 3"):
+        asyncio.run(aload(3, 1))  # type: ignore[arg-type]
+
+
 # -- construction ------------------------------------------------------------------------------
 
 
