@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, overload
 
 from . import _lifecycle
 from ._core import _Core, check_timeout
+from ._scope import in_scope
 from ._stats import Stats
 from ._types import BatcherOptions, BatchResult, CacheMode, K, MissingMode, V
 
@@ -154,8 +155,17 @@ class Batcher(Generic[K, V]):
         self._core.flush()
 
     def prime(self, key: K, value: V) -> None:
-        """Put a value in the cache for key (the current scope's, with cache="scope")."""
+        """Put a value in the cache for key (the current scope's, with cache="scope").
+
+        Raise ValueError without a cache, or with cache="scope" outside a scope (where
+        nothing is cached, so the value would be dropped unseen).
+        """
         self._need_cache("prime")
+        if self._core.cache_scope and not in_scope():
+            raise ValueError(
+                "batchsync: prime() on a Batcher with cache='scope' needs an open "
+                "batchsync.scope()"
+            )
         self._core.prime(self._core.identities((key,))[0][1], value)
 
     def clear(self, key: K) -> None:

@@ -467,6 +467,15 @@ def test_prime_without_cache_is_refused() -> None:
         b.prime(1, 1)
 
 
+def test_prime_on_a_scope_cache_outside_a_scope_is_refused() -> None:
+    with Batcher(Recorder(), cache="scope") as b:
+        with pytest.raises(ValueError, match=r"prime\(\) on a Batcher with cache='scope' needs"):
+            b.prime(1, 1)
+        with scope():
+            b.prime(1, 111)
+            assert b.get(1, timeout=T) == 111
+
+
 def test_scope_cache_memoizes_only_inside_a_scope() -> None:
     rec = Recorder()
     with Batcher(rec, cache="scope") as b:
