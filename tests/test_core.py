@@ -365,40 +365,39 @@ def test_inline_callers_share_the_slots_with_the_workers() -> None:
     assert len(threads) == 2
 
 
-def test_max_concurrency_runs_chunks_side_by_side_and_never_more() -> None:
-    barrier = threading.Barrier(3, timeout=T)
-    active = peak = 0
-    lock = threading.Lock()
+class Overlap:
+    """Counts the batch calls running at once; `inside(keys)` runs within each call."""
 
-    def fn(keys: list[int]) -> list[int]:
-        nonlocal active, peak
-        with lock:
-            active += 1
-            peak = max(peak, active)
-        if keys[0] < 3:
-            barrier.wait()  # the first three chunks must all be running at once
-        with lock:
-            active -= 1
+    def __init__(self, inside: Callable[[list[int]], None] = lambda keys: None) -> None:
+        self.active = self.peak = 0
+        self.lock = threading.Lock()
+        self.inside = inside
+
+    def __call__(self, keys: list[int]) -> list[int]:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        self.inside(keys)
+        with self.lock:
+            self.active -= 1
         return keys
 
+
+def test_max_concurrency_runs_chunks_side_by_side_and_never_more() -> None:
+    barrier = threading.Barrier(3, timeout=T)
+
+    def inside(keys: list[int]) -> None:
+        if keys[0] < 3:
+            barrier.wait()  # the first three chunks must all be running at once
+
+    fn = Overlap(inside)
     with Batcher(fn, window=LONG, max_batch_size=1, max_concurrency=3) as b:
         assert b.get_many(range(12), timeout=T) == list(range(12))
-    assert peak == 3
+    assert fn.peak == 3
 
 
 def test_max_concurrency_one_runs_one_call_at_a_time() -> None:
-    active = peak = 0
-    lock = threading.Lock()
-
-    def fn(keys: list[int]) -> list[int]:
-        nonlocal active, peak
-        with lock:
-            active += 1
-            peak = max(peak, active)
-        with lock:
-            active -= 1
-        return keys
-
+    fn = Overlap()
     b = Batcher(fn, max_batch_size=2)
     threads = [
         threading.Thread(target=lambda i=i: b.get_many(range(i, i + 20), timeout=T))
@@ -409,7 +408,7 @@ def test_max_concurrency_one_runs_one_call_at_a_time() -> None:
     for t in threads:
         t.join(T)
     b.close()
-    assert peak == 1
+    assert fn.peak == 1
 
 
 def test_batch_function_never_runs_under_a_batchsync_lock() -> None:
