@@ -235,8 +235,7 @@ class _Core(Generic[K, V]):
         futures: list[Future[V]] = []
         memo = self._scope_memo()
         with self._lock:  # critical section: look up, de-duplicate, queue
-            if self._closing:
-                raise BatcherClosed(f"batchsync: Batcher {self.name!r} is closed")
+            self._refuse_if_closed_locked()
             self._loads += len(idents)
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
                 entry = self._find_locked(mkey, memo)
@@ -266,8 +265,7 @@ class _Core(Generic[K, V]):
         slots: list[_Entry] = []
         waited: list[_Entry] = []
         with self._lock:  # critical section: look up, de-duplicate, queue
-            if self._closing:
-                raise BatcherClosed(f"batchsync: Batcher {self.name!r} is closed")
+            self._refuse_if_closed_locked()
             self._loads += len(idents)
             seen: dict[Hashable, _Entry] = {}
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
@@ -288,9 +286,7 @@ class _Core(Generic[K, V]):
             if waited and not self._workers:
                 self._start_workers_locked()
         if waited:
-            self.await_entries(waited, lambda: latch.remaining == 0, timeout)
-            if not latch.wait(timeout):
-                raise TimeoutError(f"batchsync: no result within {timeout} s")
+            self._wait(waited, latch, timeout)
         out: list[V | None] = []
         for entry in slots:
             if entry.failed:
@@ -308,8 +304,7 @@ class _Core(Generic[K, V]):
             raise
         latch = _Latch()
         with self._lock:  # critical section: de-duplicate, queue
-            if self._closing:
-                raise BatcherClosed(f"batchsync: Batcher {self.name!r} is closed")
+            self._refuse_if_closed_locked()
             self._loads += len(keys)
             self._deduplicated += len(keys) - len(unique)
             entries, queue = self._entries, self._queue
@@ -330,13 +325,21 @@ class _Core(Generic[K, V]):
                     self._start_workers_locked()
         if unique:
             waited = list(unique.values())
-            self.await_entries(waited, lambda: latch.remaining == 0, timeout)
-            if not latch.wait(timeout):
-                raise TimeoutError(f"batchsync: no result within {timeout} s")
+            self._wait(waited, latch, timeout)
             for entry in waited:
                 if entry.failed:
                     raise entry.value
         return [unique[key].value for key in keys]
+
+    def _refuse_if_closed_locked(self) -> None:
+        if self._closing:
+            raise BatcherClosed(f"batchsync: Batcher {self.name!r} is closed")
+
+    def _wait(self, waited: list[_Entry], latch: _Latch, timeout: float | None) -> None:
+        """Block until latch opens for the entries of one get_many call, or time out."""
+        self.await_entries(waited, lambda: latch.remaining == 0, timeout)
+        if not latch.wait(timeout):
+            raise TimeoutError(f"batchsync: no result within {timeout} s")
 
     def _queued_locked(self, was_open: bool, notify: bool) -> None:
         """Apply the window rules after keys were queued (see _wait_chunk_locked)."""
@@ -701,11 +704,7 @@ class _Core(Generic[K, V]):
                 self._cond.notify()
 
     def close(self, timeout: float | None) -> None:
-        with self._lock:  # critical section: stop taking loads, make the queue due
-            self._closing = True
-            self._due = len(self._queue)
-            self._cond.notify_all()
-            workers = list(self._workers)
+        workers = self.close_nowait()
         end = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
         for thread in workers:
@@ -714,12 +713,13 @@ class _Core(Generic[K, V]):
         if any(t.is_alive() and t is not me for t in workers):
             self._abandon()
 
-    def close_nowait(self) -> None:
-        """Stop taking loads; the workers send what is queued and then end."""
-        with self._lock:  # critical section: as close(), without waiting
+    def close_nowait(self) -> list[threading.Thread]:
+        """Stop taking loads; the workers send what is queued and then end. Return them."""
+        with self._lock:  # critical section: stop taking loads, make the queue due
             self._closing = True
             self._due = len(self._queue)
             self._cond.notify_all()
+            return list(self._workers)
 
     def _abandon(self) -> None:
         """Fail every key still queued or running with BatcherClosed (close timed out)."""

@@ -6,12 +6,12 @@ a batch function asks ``current_partition()`` for while it runs.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["current_partition", "in_scope", "scope"]
+__all__ = ["SET_PARTITION_SQL", "check_partition_setting", "current_partition", "in_scope", "scope"]
 
 # One memo per scope: the Batcher core -> {identity: entry}. A plain dict is enough: a scope
 # lives as long as one request, so it can hold its cores strongly.
@@ -48,3 +48,24 @@ def current_partition() -> Hashable:
     its batch function calls this to learn which partition (tenant, user) the call serves.
     """
     return _partition.get()
+
+
+#: What the database adapters run before a batch's query, in its transaction, so that
+#: row-level security policies see the partition: set_config(setting, partition, local).
+SET_PARTITION_SQL = "SELECT set_config(%s, %s, true)"
+
+
+def check_partition_setting(setting: object, options: Mapping[str, Any]) -> None:
+    """Refuse a partition_setting that is not a non-empty str, or one without a partition."""
+    if setting is None:
+        return
+    if not isinstance(setting, str) or not setting:
+        raise ValueError(
+            "batchsync: partition_setting must be a non-empty str such as "
+            f"'app.tenant_id', not {setting!r}"
+        )
+    if options.get("partition") is None:
+        raise ValueError(
+            "batchsync: partition_setting needs the partition option: a function that "
+            "returns the partition (e.g. the tenant id) in the loading thread"
+        )

@@ -79,6 +79,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from batchsync import Batcher, current_partition
+from batchsync._scope import SET_PARTITION_SQL, check_partition_setting
 from batchsync._types import BatcherOptions
 from batchsync.errors import BatchError
 
@@ -95,7 +96,6 @@ logger = logging.getLogger("batchsync")
 # format letter may also be b (binary) or t (automatic).
 _PLACEHOLDER = re.compile(r"%(?:%|\((?P<name>[^)]*)\)[sbt]|[sbt])")
 
-_SET_CONFIG = "SELECT set_config(%s, %s, true)"
 
 
 @overload
@@ -179,17 +179,7 @@ def loader(
         raise TypeError(f"many must be a bool, got {many!r}")
     if not callable(row_factory):
         raise TypeError(f"row_factory must be a psycopg row factory, got {row_factory!r}")
-    if partition_setting is not None:
-        if not isinstance(partition_setting, str) or not partition_setting:
-            raise ValueError(
-                f"partition_setting must be a non-empty str such as 'app.tenant_id',"
-                f" got {partition_setting!r}"
-            )
-        if batcher_options.get("partition") is None:
-            raise ValueError(
-                "partition_setting needs the partition option: a function that"
-                " returns the partition (e.g. the tenant id) in the loading thread"
-            )
+    check_partition_setting(partition_setting, batcher_options)
     query = _Query(pool, sql, key, columns, many, row_factory, partition_setting)
     batcher_options.setdefault("name", f"pg:{','.join(columns)}")
     # The query borrows a pooled connection and keeps nothing per thread, so a waiting
@@ -284,7 +274,7 @@ class _Query:
                 tx = conn.transaction()
             with tx, conn.cursor(row_factory=tuple_row) as cur:
                 if self._setting is not None:
-                    cur.execute(_SET_CONFIG, (self._setting, str(current_partition())))
+                    cur.execute(SET_PARTITION_SQL, (self._setting, str(current_partition())))
                 cur.execute(self._sql, params)
                 get_key = self._key_getter(cur)
                 make_row = self._row_factory(cur)

@@ -10,6 +10,7 @@ from django.db import connections, reset_queries, transaction  # type: ignore[im
 from django.db.models import Model, QuerySet  # type: ignore[import-untyped]
 
 from batchsync import Batcher, current_partition
+from batchsync._scope import SET_PARTITION_SQL, check_partition_setting
 
 __all__ = ["model_loader", "release_connections"]
 
@@ -31,7 +32,6 @@ def release_connections() -> None:
             conn.close_if_unusable_or_obsolete()
 
 
-_SET_CONFIG = "SELECT set_config(%s, %s, true)"
 
 
 class _ModelQuery:
@@ -63,7 +63,7 @@ class _ModelQuery:
                 with transaction.atomic(using=queryset.db), connections[
                     queryset.db
                 ].cursor() as cursor:
-                    cursor.execute(_SET_CONFIG, [self._setting, str(current_partition())])
+                    cursor.execute(SET_PARTITION_SQL, [self._setting, str(current_partition())])
                     objects = list(queryset)
         finally:
             release_connections()
@@ -153,17 +153,7 @@ def model_loader(
             f"batchsync: field {field!r} of {queryset.model.__name__} is not a concrete "
             "column; name a field stored in the model's own table"
         )
-    if partition_setting is not None:
-        if not isinstance(partition_setting, str) or not partition_setting:
-            raise ValueError(
-                "batchsync: partition_setting must be a non-empty str such as "
-                f"'app.tenant_id', not {partition_setting!r}"
-            )
-        if batcher_options.get("partition") is None:
-            raise ValueError(
-                "batchsync: partition_setting needs the partition option: a function that "
-                "returns the partition (e.g. the tenant id) in the loading thread"
-            )
+    check_partition_setting(partition_setting, batcher_options)
     batcher_options.setdefault("cache", "scope")
     batcher_options.setdefault("key_fn", target.to_python)
     batcher_options.setdefault("name", f"{queryset.model.__name__}.{field}")
