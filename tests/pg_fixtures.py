@@ -4,7 +4,7 @@ The server is ``$BATCHSYNC_PG_DSN`` when set, else an embedded one started
 with ``pgserver``. Without either the tests that need it are skipped, except
 under ``CI=true``, where a missing server is a failure.
 
-Load it from ``tests/conftest.py`` with ``pytest_plugins = ["pg_fixtures"]``.
+Loaded by ``tests/conftest.py`` with ``pytest_plugins = ["tests.pg_fixtures"]``.
 """
 
 from __future__ import annotations
