@@ -3,26 +3,42 @@
 `server()` yields the DSN of a server to administer: the one given, else
 ``BATCHSYNC_PG_DSN``, else a private server started with the ``pgserver``
 package (real PostgreSQL binaries in a temporary directory, listening on a
-unix socket only). `scratch_database()` creates a database with a unique name
-on it and drops it at the end.
+unix socket only), else a private cluster of the machine's own PostgreSQL
+binaries (Debian's ``postgresql-NN`` package, for Pythons pgserver has no
+wheel for). `local_cluster()` starts such a cluster directly, with extensions
+preloaded where a caller needs them (``pg_stat_statements``).
+`scratch_database()` creates a database with a unique name on it and drops it
+at the end.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import shutil
+import socket
+import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-__all__ = ["DSN_ENV", "NoServer", "proxied_dsn", "proxy_target", "scratch_database", "server"]
+__all__ = [
+    "DSN_ENV",
+    "NoServer",
+    "find_pg_bindir",
+    "local_cluster",
+    "proxied_dsn",
+    "proxy_target",
+    "scratch_database",
+    "server",
+]
 
 DSN_ENV = "BATCHSYNC_PG_DSN"
 
@@ -48,9 +64,14 @@ def server(dsn: str | None = None) -> Iterator[str]:
             warnings.simplefilter("ignore")
             from pgserver.postgres_server import get_server
     except ImportError as exc:
-        raise NoServer(
-            f"no PostgreSQL: set {DSN_ENV} or install pgserver (pip install 'batchsync[demo]')"
-        ) from exc
+        if find_pg_bindir() is None:
+            raise NoServer(
+                f"no PostgreSQL: set {DSN_ENV}, install pgserver (pip install -e '.[demo]'), "
+                "or install PostgreSQL's server binaries (apt-get install postgresql)"
+            ) from exc
+        with local_cluster() as local:
+            yield local
+        return
     pgdata = tempfile.mkdtemp(prefix="batchsync-pg-")
     try:
         try:
@@ -65,6 +86,96 @@ def server(dsn: str | None = None) -> Iterator[str]:
             embedded.cleanup()
     finally:
         shutil.rmtree(pgdata, ignore_errors=True)
+
+
+def find_pg_bindir() -> str | None:
+    """Return the directory of the newest installed PostgreSQL server binaries, or None.
+
+    ``$BATCHSYNC_PG_BINDIR`` wins; else Debian's ``/usr/lib/postgresql/NN/bin``.
+    """
+    given = os.environ.get("BATCHSYNC_PG_BINDIR")
+    if given:
+        return given if os.path.exists(os.path.join(given, "initdb")) else None
+    found = glob.glob("/usr/lib/postgresql/*/bin/initdb")
+    if not found:
+        return None
+    newest = max(found, key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    return os.path.dirname(newest)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def local_cluster(
+    preload: Sequence[str] = (), settings: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Start a private cluster of the machine's PostgreSQL binaries; yield a superuser DSN.
+
+    The cluster lives in a temporary directory, listens on 127.0.0.1 at a free
+    port (and a unix socket in its directory), trusts local connections, and is
+    stopped and removed at the end. `preload` goes to
+    ``shared_preload_libraries`` (e.g. ``["pg_stat_statements"]``); `settings`
+    are more ``postgresql.conf`` lines. PostgreSQL refuses to run as root, so
+    as root the cluster runs as ``nobody``. Raise NoServer when there are no
+    binaries or the cluster does not start.
+    """
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise NoServer("no PostgreSQL server binaries (apt-get install postgresql)")
+    user: str | None = "nobody" if os.geteuid() == 0 else None
+    base = tempfile.mkdtemp(prefix="batchsync-pgcluster-")
+    pgdata = os.path.join(base, "data")
+    log = os.path.join(base, "log")
+    if user is not None:
+        shutil.chown(base, user)
+    port = _free_port()
+
+    def run(*args: str) -> None:
+        done = subprocess.run(
+            [os.path.join(bindir, args[0]), *args[1:]],
+            user=user,
+            capture_output=True,
+            text=True,
+            cwd=base,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            tail = ""
+            if os.path.exists(log):
+                with open(log, errors="replace") as f:
+                    tail = f.read()[-2000:]
+            raise NoServer(
+                f"{args[0]} failed ({done.returncode}): {done.stderr.strip()[-2000:]} {tail}"
+            )
+
+    started = False
+    try:
+        run("initdb", "-D", pgdata, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(port),
+            "unix_socket_directories": f"'{base}'",
+            "fsync": "off",
+            "max_connections": "200",
+        }
+        if preload:
+            conf["shared_preload_libraries"] = "'" + ",".join(preload) + "'"
+        conf.update(settings or {})
+        with open(os.path.join(pgdata, "postgresql.conf"), "a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        run("pg_ctl", "-D", pgdata, "-l", log, "-w", "-t", "60", "start")
+        started = True
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if started:
+            with suppress(NoServer):
+                run("pg_ctl", "-D", pgdata, "-m", "fast", "-w", "-t", "60", "stop")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextmanager
