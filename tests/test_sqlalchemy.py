@@ -417,6 +417,24 @@ def test_futures_hold_detached_objects_that_attach(engine: Any) -> None:
         assert orders.get(1) == attached  # the session's own instances, found again
 
 
+def test_loader_options_load_relationships_that_attach_with_their_object(
+    shop: ShopDatabase, engine: Any, sent: list[list[Any]]
+) -> None:
+    from sqlalchemy.orm import selectinload
+
+    want = [r[0] for r in truth(shop, "SELECT id FROM orders WHERE customer_id = 1 ORDER BY id")]
+    statements: list[str] = []
+    stmt = select(Customer).options(selectinload(Customer.orders))
+    with Session(engine) as session, bs.loader(
+        engine, stmt, session=lambda: session
+    ) as customers:
+        customer = customers.get(1)
+        event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        assert [o.id for o in customer.orders] == want  # loaded by the batch: no lazy load
+        assert all(object_session(o) is session for o in customer.orders)
+    assert statements == [] and len(sent) == 1
+
+
 # -- row-level security ------------------------------------------------------------------------
 
 
