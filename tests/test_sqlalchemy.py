@@ -346,6 +346,33 @@ def test_no_connection_leaks_over_2000_requests(shop: ShopDatabase) -> None:
         assert watch.wait_backends(0, application_name=app_name) == 0
 
 
+@pytest.mark.timeout(30)
+def test_other_databases_get_in(tmp_path: Path) -> None:
+    # Not PostgreSQL: an expanding IN instead of = ANY, composite keys as row values.
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'notes.db'}")
+    Note.__table__.create(engine)  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        conn.execute(Note.__table__.insert(), [  # type: ignore[attr-defined]
+            {"id": i, "tenant": t, "number": i, "body": f"{t} {i}"}
+            for i, t in enumerate(TENANTS * 3, start=1)
+        ])
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    try:
+        with bs.loader(engine, Note, field="number") as notes, bs.loader(
+            engine, Note, field=("tenant", "number")
+        ) as by_tenant:
+            assert [n and n.body for n in notes.get_many([2, "5", 99])] == [
+                "globex 2", "acme 5", None
+            ]
+            assert [n and n.number for n in by_tenant.get_many([("acme", 3), ("acme", 2)])] == [
+                3, None
+            ]
+        assert " IN (" in statements[0] and "ANY" not in statements[0]
+    finally:
+        engine.dispose()
+
+
 # -- sessions and threads ----------------------------------------------------------------------
 
 
