@@ -520,6 +520,45 @@ def test_a_flask_sqlalchemy_loader_needs_the_app_context_of_the_loading_thread()
         customers.load(1)  # which app's engine? the loading thread must say
 
 
+def test_one_flask_sqlalchemy_loader_serves_each_app_on_its_own_engine(shop: ShopDatabase) -> None:
+    apps = [shop_app.create_app(shop.dsn), shop_app.create_app(shop.dsn)]
+    ran_on: list[Any] = []  # the engine of each batch's statement
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if isinstance(params, dict) and "batchsync_keys" in params:
+            ran_on.append(conn.engine)
+
+    engines = []
+    for app in apps:
+        with app.app_context():
+            engine = shop_app.db.engine
+        event.listen(engine, "before_cursor_execute", record)
+        engines.append(engine)
+    start = threading.Barrier(2)
+    try:
+        with bs.loader(shop_app.db, Customer, window=0.5) as customers:
+
+            def load(app: Any) -> Any:
+                with app.app_context():
+                    start.wait(10)
+                    return customers.load(1)  # a future: the window stays open for both
+
+            futures: list[Any] = []
+            workers = [
+                threading.Thread(target=lambda a=a: futures.append(load(a))) for a in apps
+            ]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            assert [f.result(10).name for f in futures] == ["Customer 1"] * 2
+            assert customers.stats().batches == 2  # one per app: never mixed
+        assert sorted(map(id, ran_on)) == sorted(map(id, engines))
+    finally:
+        for app in apps:
+            shop_app.close_app(app)
+
+
 def page_truth(db: ShopDatabase, number: int) -> bytes:
     from psycopg_pool import ConnectionPool
 
