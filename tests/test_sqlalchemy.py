@@ -406,7 +406,9 @@ def test_objects_join_the_callers_session_in_its_thread(shop: ShopDatabase) -> N
         finally:
             requests.remove()
 
-    with bs.loader(requests, Customer) as customers:
+    # A window long enough for all 16 to share batches, so objects of one batch go to
+    # many sessions.
+    with bs.loader(requests, Customer, window=0.2, eager=False) as customers:
         workers = [threading.Thread(target=request, args=(n,)) for n in range(threads)]
         for t in workers:
             t.start()
