@@ -93,10 +93,7 @@ class Loader(Batcher[Any, Any]):
 
     def get(self, key: Any, timeout: float | None = None) -> Any:
         """Return the value of key; ORM objects belong to the caller's session (see attach)."""
-        value = super().get(key, timeout)
-        if self._session is None or value is None:
-            return value
-        return self._attach(self._session(), value)
+        return self.attach(super().get(key, timeout))
 
     def get_many(self, keys: Any, timeout: float | None = None) -> list[Any]:
         """Return the values of keys in order, attached like ``get``'s."""
