@@ -205,6 +205,30 @@ class DatabaseWatch:
         return int(row[0])
 
 
+def served_statements(
+    watch: DatabaseWatch,
+    app: Any,
+    urls: Sequence[str],
+    close: Callable[[Any], None],
+    warm: Callable[[Any], None] | None = None,
+) -> tuple[int, list[Reply]]:
+    """Serve `urls` (paths) from app under werkzeug; return the statements they cost, and replies.
+
+    ``warm(app)``, run first, is not counted (an engine's first connection runs statements
+    of its own); ``close(app)`` must close every connection of the app, since the server's
+    counts are read once none is open. The app is closed in any case.
+    """
+    try:
+        if warm is not None:
+            warm(app)
+        before = watch.settled_queries()
+        with serve_werkzeug(app) as base:
+            replies = fetch_all([base + u for u in urls])
+    finally:
+        close(app)
+    return watch.settled_queries() - before, replies
+
+
 # -- the database ----------------------------------------------------------------------------
 
 # A table under row-level security, for the tenant tests: both tenants have notes numbered
