@@ -7,7 +7,7 @@ more can be collected, and its finalizer closes the core.
 
 Life of a key::
 
-    load/get_many ──> _Entry queued ──(window closes | full | flush | a caller waits)──> due
+    load/get_many ──> _Entry queued ──(window closes | full | flush | the dispatch rule)──> due
     due ──(a free slot: a worker, or an inline caller)──> running ──(returns)──> done
 
 A key loaded again while its entry is queued or running joins that entry (one more waiter)
@@ -17,6 +17,7 @@ instead of being sent twice. Waiters are either ``_LoadFuture`` objects (``load`
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import math
@@ -24,9 +25,9 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Generic
+from typing import Any, Generic, TypeVar
 
-from ._scope import _partition, _scope_memo
+from ._scope import _activity, _partition, _scope_memo
 from ._stats import Stats
 from ._types import K, V
 from .errors import BatchCycleError, BatcherClosed, BatchError
@@ -34,6 +35,7 @@ from .errors import BatchCycleError, BatcherClosed, BatchError
 logger = logging.getLogger("batchsync")
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
+_T = TypeVar("_T")
 _MISSING: Any = object()
 
 
@@ -102,13 +104,15 @@ class _LoadFuture(Future[V]):
     def result(self, timeout: float | None = None) -> V:
         core, entry = self._core, self._entry
         if core is not None and entry is not None and not self.done():
-            core.await_entries([entry], self.done, timeout)
+            return core.block_on([entry], self.done, timeout, lambda: Future.result(self, timeout))
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         core, entry = self._core, self._entry
         if core is not None and entry is not None and not self.done():
-            core.await_entries([entry], self.done, timeout)
+            return core.block_on(
+                [entry], self.done, timeout, lambda: Future.exception(self, timeout)
+            )
         return super().exception(timeout)
 
 
@@ -199,6 +203,11 @@ class _Core(Generic[K, V]):
         self._cache: dict[Hashable, Any] = {}
         self._running = 0  # keys in flight
         self._active = 0  # chunks in flight: slots taken of max_concurrency
+        # Company outside any scope: thread id -> when it last loaded or was answered here,
+        # and the threads blocked in a wait on this core right now (thread id -> count).
+        self._recent: dict[int, float] = {}
+        self._waiting: dict[int, int] = {}
+        self._tick_loops: set[asyncio.AbstractEventLoop] = set()  # aload flushes scheduled
         self._loads = self._cache_hits = self._deduplicated = 0
         self._batches = self._keys = self._failed_batches = 0
         self._largest = self._coalesced = 0
@@ -237,6 +246,8 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: look up, de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(idents)
+            if _scope_memo.get() is None:
+                self._seen_locked(threading.get_ident())
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
                 entry = self._find_locked(mkey, memo)
                 if entry is not None and entry.state == _DONE:
@@ -267,14 +278,15 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: look up, de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(idents)
+            if _scope_memo.get() is None:
+                self._seen_locked(threading.get_ident())
             seen: dict[Hashable, _Entry] = {}
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
                 entry = seen.get(mkey)
                 if entry is None:
                     entry = self._find_locked(mkey, memo)
                     if entry is None:
-                        # An eager caller closes the window itself right after this.
-                        entry = self._enqueue_locked(key, ident, mkey, part, memo, not self.eager)
+                        entry = self._enqueue_locked(key, ident, mkey, part, memo)
                     if entry.state != _DONE:
                         entry.waiters.append(latch)
                         waited.append(entry)
@@ -306,6 +318,8 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(keys)
+            if _scope_memo.get() is None:
+                self._seen_locked(threading.get_ident())
             self._deduplicated += len(keys) - len(unique)
             entries, queue = self._entries, self._queue
             was_open = len(queue) > self._due
@@ -320,7 +334,7 @@ class _Core(Generic[K, V]):
                 unique[key] = entry
             latch.remaining = len(unique)
             if unique:
-                self._queued_locked(was_open, not self.eager)
+                self._queued_locked(was_open)
                 if not self._workers:
                     self._start_workers_locked()
         if unique:
@@ -337,11 +351,21 @@ class _Core(Generic[K, V]):
 
     def _wait(self, waited: list[_Entry], latch: _Latch, timeout: float | None) -> None:
         """Block until latch opens for the entries of one get_many call, or time out."""
-        self.await_entries(waited, lambda: latch.remaining == 0, timeout)
-        if not latch.wait(timeout):
+        if not self.block_on(
+            waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout)
+        ):
             raise TimeoutError(f"batchsync: no result within {timeout} s")
 
-    def _queued_locked(self, was_open: bool, notify: bool) -> None:
+    def _seen_locked(self, tid: int) -> None:
+        """Note that thread tid, outside any scope, is active on this core now."""
+        recent = self._recent
+        now = recent[tid] = time.monotonic()
+        if len(recent) > 256:  # forget threads that have been quiet for a window
+            horizon = now - self.window
+            for other in [t for t, seen in recent.items() if seen <= horizon]:
+                del recent[other]
+
+    def _queued_locked(self, was_open: bool) -> None:
         """Apply the window rules after keys were queued (see _wait_chunk_locked)."""
         queue = self._queue
         if len(queue) - self._due >= self.max_batch_size:
@@ -350,8 +374,7 @@ class _Core(Generic[K, V]):
         elif not was_open:
             # The window opens: a worker starts timing it.
             self._deadline = time.monotonic() + self.window
-            if notify:
-                self._cond.notify()
+            self._cond.notify()
 
     def _scope_memo(self) -> dict[Hashable, Any] | None:
         if not self.cache_scope:
@@ -395,7 +418,6 @@ class _Core(Generic[K, V]):
         mkey: Hashable,
         part: Hashable,
         memo: dict[Hashable, Any] | None,
-        notify: bool = True,
     ) -> _Entry:
         entry = _Entry(key, ident, mkey, part)
         self._entries[mkey] = entry
@@ -403,35 +425,64 @@ class _Core(Generic[K, V]):
             memo[mkey] = entry
         was_open = len(self._queue) > self._due
         self._queue.append(entry)
-        self._queued_locked(was_open, notify)
+        self._queued_locked(was_open)
         return entry
 
     # -- waiting -----------------------------------------------------------------------------
 
-    def await_entries(
-        self, entries: list[_Entry], done: Callable[[], bool], timeout: float | None
-    ) -> None:
-        """Do what helps before a caller blocks on entries; the caller then waits for done().
+    def block_on(
+        self,
+        entries: list[_Entry],
+        done: Callable[[], bool],
+        timeout: float | None,
+        wait: Callable[[], _T],
+    ) -> _T:
+        """Block the caller on entries: apply the dispatch rule, then return ``wait()``.
 
         Inside a batch function (or on a worker thread): run the queued chunks here, see
-        _help. On an ordinary thread, when eager: close the window; then, when inline and
-        with no timeout to honour, run due chunks on this thread while a slot is free and
-        the caller's own keys are still queued; hand what is left to a worker.
+        _help. On an ordinary thread: count the caller as blocked for the dispatch rule
+        (see _company_locked) while it waits, and dispatch at once when nobody else could
+        add keys; then, when inline and with no timeout to honour, run due chunks on this
+        thread while a slot is free and the caller's own keys are still queued.
         """
         if _tls.worker or _tls.running:
             self._help(entries, done)
-            return
-        if not self.eager:
-            return
+            return wait()
+        tid = threading.get_ident()
+        scoped = _scope_memo.get() is not None
+        if scoped:
+            _activity.change(0, 1)
+        try:
+            self._before_wait(entries, timeout, scoped, tid)
+            return wait()
+        finally:
+            if scoped:
+                _activity.change(0, -1)
+            else:
+                with self._lock:  # critical section: the caller runs again
+                    waiting = self._waiting
+                    if waiting[tid] == 1:
+                        del waiting[tid]
+                    else:
+                        waiting[tid] -= 1
+                    self._recent[tid] = time.monotonic()
+
+    def _before_wait(
+        self, entries: list[_Entry], timeout: float | None, scoped: bool, tid: int
+    ) -> None:
         # With a timeout a worker runs the batch, so that the caller can leave on time.
         inline = self.inline and timeout is None
         i, n = 0, len(entries)
+        first = True
         while True:
             while i < n and entries[i].state != _QUEUED:
                 i += 1
             chunk = None
-            with self._lock:  # critical section: close the window, take a chunk or hand over
-                if i < n:  # some of the caller's keys are still queued: close their window
+            with self._lock:  # critical section: the dispatch rule, take a chunk or hand over
+                if first and not scoped:
+                    self._waiting[tid] = self._waiting.get(tid, 0) + 1
+                first = False
+                if i < n and self._due < len(self._queue) and not self._company_locked(tid):
                     self._due = len(self._queue)
                 if self._due and self._active < self.max_concurrency:
                     if inline and i < n:
@@ -442,6 +493,52 @@ class _Core(Generic[K, V]):
                 return
             if chunk:
                 self._run(chunk, wake=False)
+
+    def _company_locked(self, tid: int) -> bool:
+        """Return True when the open window should wait: someone may still add keys to it.
+
+        THE DISPATCH RULE. A queued key is worth holding back only while somebody who could
+        still add keys to its call is running (PostgreSQL's commit_delay waits only while
+        commit_siblings other transactions are active). So when a caller blocks on keys
+        whose window is open, the window is held only while there is company:
+
+        - a request in progress: an outermost ``batchsync.scope()`` (the Flask and Django
+          integrations open one per request) whose thread is not blocked in a batchsync
+          wait; when the last of them blocks or ends, every held window is dispatched
+          (_activity pokes the holding cores);
+        - outside any scope, an estimate: another thread that loaded from this Batcher, or
+          was answered by it, within the last window and is not blocked on it now; when it
+          blocks here too, it dispatches for both.
+
+        Otherwise (a lone request, or everybody waits) the keys are dispatched at once. The
+        window is thus an upper bound on the wait: the worker still dispatches when it
+        closes, when max_batch_size keys wait, on flush() and on close(). With eager=True
+        there is never company: a blocking caller always dispatches at once.
+
+        Called under the core's lock; takes _activity's lock inside it.
+        """
+        if self.eager:
+            return False
+        with _activity.lock:  # critical section: read the count and register atomically
+            if _activity.running() > 0:
+                _activity.holding.add(self)
+                return True
+        horizon = time.monotonic() - self.window
+        waiting = self._waiting
+        for other, seen in self._recent.items():
+            if seen > horizon and other != tid and other not in waiting:
+                return True
+        return False
+
+    def poke(self) -> None:
+        """Dispatch a held window if its company is gone (_activity calls it, unlocked)."""
+        with self._lock:  # critical section: the dispatch rule again
+            if self._due < len(self._queue) and not self._company_locked(0):
+                self._due = len(self._queue)
+                self._cond.notify()
+            if self._due == len(self._queue):
+                with _activity.lock:
+                    _activity.holding.discard(self)
 
     def _help(self, entries: list[_Entry], done: Callable[[], bool]) -> None:
         """Run queued chunks on this (worker) thread until done() or nothing is left to run.
@@ -493,21 +590,13 @@ class _Core(Generic[K, V]):
                 logger.exception("batchsync %s: internal error in a worker", self.name)
 
     def _wait_chunk_locked(self) -> list[_Entry] | None:
-        # When is a batch dispatched? This is the one subtle decision of the design.
-        #
-        # A key that arrives at an empty queue opens a window of `window` seconds; keys that
-        # arrive while it is open join it. The queued keys become *due* when the window
-        # closes, when max_batch_size keys wait, on flush() and on close(). A free worker
-        # takes due keys in chunks of at most max_batch_size (one partition per chunk).
-        #
-        # A window alone puts a floor under every load's latency (graphql/dataloader admits
-        # it): a lone request would wait out the window at every level of its tree. So,
-        # with eager=True (the default), a caller that *blocks* on a key (get, get_many,
-        # Future.result) makes the queue due at once: it cannot add more keys, and waiting
-        # longer only helps other threads. Under load this is group commit: while every
-        # worker is busy, due keys pile up and the next free worker sends them together, so
-        # keys coalesce exactly when the database is the bottleneck, and a lone request pays
-        # no window. Futures nobody waits on yet (load without result) still ride the window.
+        # The worker's part of the window: a key that arrives at an empty queue opens a
+        # window of `window` seconds; keys that arrive while it is open join it. The queued
+        # keys become *due* when the window closes, when max_batch_size keys wait, on flush()
+        # and on close(), and earlier when a caller blocks on them with nobody left who could
+        # add keys (the dispatch rule: _company_locked). A free worker takes due keys in
+        # chunks of at most max_batch_size (one partition per chunk). While every slot is
+        # busy, due keys pile up and the next free slot sends them together (group commit).
         #
         # With inline=True a waiting caller with no timeout runs the chunk itself, in its own
         # thread, when a slot (max_concurrency) is free: that saves the two thread switches
@@ -699,6 +788,21 @@ class _Core(Generic[K, V]):
 
     def flush(self) -> None:
         with self._lock:  # critical section: make everything queued due
+            if self._due < len(self._queue):
+                self._due = len(self._queue)
+                self._cond.notify()
+
+    def flush_at_tick_end(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush once the callbacks already scheduled on loop have run (one per tick)."""
+        with self._lock:  # critical section: one scheduled flush per loop and tick
+            if loop in self._tick_loops:
+                return
+            self._tick_loops.add(loop)
+        loop.call_soon(self._tick_flush, loop)
+
+    def _tick_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:  # critical section: make everything queued due
+            self._tick_loops.discard(loop)
             if self._due < len(self._queue):
                 self._due = len(self._queue)
                 self._cond.notify()

@@ -6,6 +6,8 @@ a batch function asks ``current_partition()`` for while it runs.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,6 +23,46 @@ _scope_memo: ContextVar[dict[Any, dict[Hashable, Any]] | None] = ContextVar(
 _partition: ContextVar[Hashable] = ContextVar("batchsync_partition", default=None)
 
 
+class _Activity:
+    """How many requests (outermost scopes) are open, and how many of them wait in batchsync.
+
+    The dispatch rule (see ``_Core._company_locked``) holds a queue's window open only while
+    a request that could still add keys is running: ``running()`` is that number. Cores that
+    hold a window for company register in ``holding``; when the last running request blocks
+    or ends, they are poked to dispatch at once. One lock guards the counters; it is taken
+    after a core's lock, never before one.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0  # outermost scopes open (requests in progress)
+        self.blocked = 0  # of those, how many wait in a batchsync call right now
+        self.holding: set[Any] = set()  # cores whose window waits for running requests
+
+    def running(self) -> int:
+        return self.open - self.blocked
+
+    def change(self, opened: int, blocked: int) -> None:
+        """Count a scope opening/ending or a request blocking/unblocking; poke when idle."""
+        with self.lock:  # critical section: the counters; take the cores to poke
+            self.open += opened
+            self.blocked += blocked
+            cores = list(self.holding) if self.open == self.blocked and self.holding else ()
+        for core in cores:  # outside the lock: each core takes its own
+            core.poke()
+
+    def _after_fork_in_child(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 1 if _scope_memo.get() is not None else 0
+        self.blocked = 0
+        self.holding = set()
+
+
+_activity = _Activity()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_activity._after_fork_in_child)
+
+
 @contextmanager
 def scope() -> Iterator[None]:
     """Open a request scope for the current thread (or asyncio task).
@@ -28,12 +70,21 @@ def scope() -> Iterator[None]:
     Batchers made with ``cache="scope"`` memoize their results only inside a scope; the memo
     is dropped when the ``with`` block ends. Scopes nest: an inner scope starts empty and the
     outer one is back in force after it.
+
+    An outermost scope also counts as a request in progress: while other requests run, a
+    Batcher holds a blocking caller's keys for up to its window so theirs can join the call;
+    when every open request waits in batchsync (or there is no other), it dispatches at once.
     """
+    outermost = _scope_memo.get() is None
     token = _scope_memo.set({})
+    if outermost:
+        _activity.change(1, 0)
     try:
         yield
     finally:
         _scope_memo.reset(token)
+        if outermost:
+            _activity.change(-1, 0)
 
 
 def in_scope() -> bool:
