@@ -27,6 +27,11 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
+from ._queue import DONE as _DONE
+from ._queue import QUEUED as _QUEUED
+from ._queue import RUNNING as _RUNNING
+from ._queue import Entry as _Entry
+from ._queue import Queue
 from ._scope import _activity, _partition, _scope_memo
 from ._stats import Stats
 from ._types import K, V
@@ -34,7 +39,6 @@ from .errors import BatchCycleError, BatcherClosed, BatchError
 
 logger = logging.getLogger("batchsync")
 
-_QUEUED, _RUNNING, _DONE = 0, 1, 2
 _T = TypeVar("_T")
 _MISSING: Any = object()
 
@@ -69,24 +73,6 @@ class _Latch:
             self._lock.release()
             return True
         return False
-
-
-class _Entry:
-    """One unique key, queued or running, with everyone who waits for it."""
-
-    __slots__ = ("failed", "ident", "key", "mkey", "partition", "state", "value", "waiters")
-
-    def __init__(
-        self, key: Any, ident: Hashable, mkey: Hashable, partition: Hashable, waiter: Any = None
-    ) -> None:
-        self.key = key
-        self.ident = ident  # the key's identity (key_fn(key) or the key itself)
-        self.mkey = mkey  # identity within the batcher: (partition, ident) when partitioned
-        self.partition = partition
-        self.state = _QUEUED
-        self.value: Any = None
-        self.failed = False
-        self.waiters: list[Any] = [] if waiter is None else [waiter]
 
 
 class _LoadFuture(Future[V]):
@@ -195,9 +181,7 @@ class _Core(Generic[K, V]):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._entries: dict[Hashable, _Entry] = {}  # queued and running, by mkey
-        self._queue: list[_Entry] = []  # queued, in arrival order
-        self._due = 0  # how many entries at the head of _queue are due for dispatch
-        self._deadline = 0.0  # when the open window closes (valid while keys are not due)
+        self._queue = Queue(self.window, self.max_batch_size, self.partition_fn is not None)
         self._closing = False
         self._workers: list[threading.Thread] = []
         self._cache: dict[Hashable, Any] = {}
@@ -321,8 +305,8 @@ class _Core(Generic[K, V]):
             if _scope_memo.get() is None:
                 self._seen_locked(threading.get_ident())
             self._deduplicated += len(keys) - len(unique)
-            entries, queue = self._entries, self._queue
-            was_open = len(queue) > self._due
+            entries, queue = self._entries, self._queue.entries
+            was_open = self._queue.held > 0
             for key in unique:
                 entry = entries.get(key)
                 if entry is None:
@@ -334,7 +318,8 @@ class _Core(Generic[K, V]):
                 unique[key] = entry
             latch.remaining = len(unique)
             if unique:
-                self._queued_locked(was_open)
+                if self._queue.pushed(was_open, time.monotonic()):
+                    self._cond.notify()
                 if not self._workers:
                     self._start_workers_locked()
         if unique:
@@ -364,17 +349,6 @@ class _Core(Generic[K, V]):
             horizon = now - self.window
             for other in [t for t, seen in recent.items() if seen <= horizon]:
                 del recent[other]
-
-    def _queued_locked(self, was_open: bool) -> None:
-        """Apply the window rules after keys were queued (see _wait_chunk_locked)."""
-        queue = self._queue
-        if len(queue) - self._due >= self.max_batch_size:
-            self._due = len(queue)  # full: send at once
-            self._cond.notify()
-        elif not was_open:
-            # The window opens: a worker starts timing it.
-            self._deadline = time.monotonic() + self.window
-            self._cond.notify()
 
     def _scope_memo(self) -> dict[Hashable, Any] | None:
         if not self.cache_scope:
@@ -423,9 +397,8 @@ class _Core(Generic[K, V]):
         self._entries[mkey] = entry
         if memo is not None:
             memo[mkey] = entry
-        was_open = len(self._queue) > self._due
-        self._queue.append(entry)
-        self._queued_locked(was_open)
+        if self._queue.push(entry, time.monotonic()):
+            self._cond.notify()  # the window opened (a worker times it) or is full
         return entry
 
     # -- waiting -----------------------------------------------------------------------------
@@ -482,9 +455,9 @@ class _Core(Generic[K, V]):
                 if first and not scoped:
                     self._waiting[tid] = self._waiting.get(tid, 0) + 1
                 first = False
-                if i < n and self._due < len(self._queue) and not self._company_locked(tid):
-                    self._due = len(self._queue)
-                if self._due and self._active < self.max_concurrency:
+                if i < n and self._queue.held and not self._company_locked(tid):
+                    self._queue.make_due()
+                if self._queue.due and self._active < self.max_concurrency:
                     if inline and i < n:
                         chunk = self._take_locked()
                     else:
@@ -533,10 +506,10 @@ class _Core(Generic[K, V]):
     def poke(self) -> None:
         """Dispatch a held window if its company is gone (_activity calls it, unlocked)."""
         with self._lock:  # critical section: the dispatch rule again
-            if self._due < len(self._queue) and not self._company_locked(0):
-                self._due = len(self._queue)
+            if self._queue.held and not self._company_locked(0):
+                self._queue.make_due()
                 self._cond.notify()
-            if self._due == len(self._queue):
+            if not self._queue.held:
                 with _activity.lock:
                     _activity.holding.discard(self)
 
@@ -550,8 +523,8 @@ class _Core(Generic[K, V]):
         while not done():
             with self._lock:  # critical section: take a chunk to run on this thread
                 # No slot check: a nested call borrows the slot of the call it runs in.
-                self._due = len(self._queue)
-                chunk = self._take_locked() if self._due else None
+                self._queue.make_due()
+                chunk = self._take_locked() if self._queue.due else None
             if chunk is not None:
                 if chunk:
                     self._run(chunk)
@@ -605,23 +578,22 @@ class _Core(Generic[K, V]):
         # Django connection, a thread-local ORM session) belongs to that caller's request;
         # batchsync.pg turns it on, as its batch function borrows from a pool. Workers and
         # inline callers share the slots.
+        queue = self._queue
         while True:
-            if self._due and self._active < self.max_concurrency:
+            if queue.due and self._active < self.max_concurrency:
                 chunk = self._take_locked()
                 if chunk:
                     return chunk
                 continue
-            if self._due:
+            if queue.due:
                 self._cond.wait()  # every slot is busy: _finish notifies when one frees
-            elif self._queue:
+            elif queue:
                 if self._closing:
-                    self._due = len(self._queue)
+                    queue.make_due()
                     continue
-                delay = self._deadline - time.monotonic()
-                if delay <= 0:
-                    self._due = len(self._queue)
-                    continue
-                self._cond.wait(min(delay, threading.TIMEOUT_MAX))
+                delay = queue.expire(time.monotonic())
+                if delay is not None:
+                    self._cond.wait(min(delay, threading.TIMEOUT_MAX))
             elif self._closing:
                 if not self._active:
                     return None
@@ -633,22 +605,7 @@ class _Core(Generic[K, V]):
 
     def _take_locked(self) -> list[_Entry]:
         """Take the next chunk of due entries, drop cancelled ones, mark the rest running."""
-        queue, size = self._queue, self.max_batch_size
-        if self.partition_fn is None:
-            n = min(self._due, size)
-            chunk = queue[:n]
-            del queue[:n]
-            self._due -= n
-        else:
-            part = queue[0].partition
-            chunk, rest = [], []
-            for entry in queue[: self._due]:
-                if entry.partition == part and len(chunk) < size:
-                    chunk.append(entry)
-                else:
-                    rest.append(entry)
-            queue[: self._due] = rest
-            self._due = len(rest)
+        chunk = self._queue.take()
         live = []
         for entry in chunk:
             waiters = entry.waiters
@@ -679,7 +636,7 @@ class _Core(Generic[K, V]):
                 self._coalesced += n
             if n > self._largest:
                 self._largest = n
-        if self._due and self._active < self.max_concurrency:
+        if self._queue.due and self._active < self.max_concurrency:
             self._cond.notify()  # more due chunks: another free worker may take one
         return live
 
@@ -762,7 +719,7 @@ class _Core(Generic[K, V]):
             self._active -= 1
             if self._closing and not self._active:
                 self._cond.notify_all()  # the last call in flight: the workers may end
-            elif wake and self._due:
+            elif wake and self._queue.due:
                 self._cond.notify()  # a slot is free for the next due chunk
             for i, entry in enumerate(chunk):
                 if entry.state == _DONE:
@@ -788,8 +745,7 @@ class _Core(Generic[K, V]):
 
     def flush(self) -> None:
         with self._lock:  # critical section: make everything queued due
-            if self._due < len(self._queue):
-                self._due = len(self._queue)
+            if self._queue.make_due():
                 self._cond.notify()
 
     def flush_at_tick_end(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -803,8 +759,7 @@ class _Core(Generic[K, V]):
     def _tick_flush(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:  # critical section: make everything queued due
             self._tick_loops.discard(loop)
-            if self._due < len(self._queue):
-                self._due = len(self._queue)
+            if self._queue.make_due():
                 self._cond.notify()
 
     def close(self, timeout: float | None) -> None:
@@ -821,7 +776,7 @@ class _Core(Generic[K, V]):
         """Stop taking loads; the workers send what is queued and then end. Return them."""
         with self._lock:  # critical section: stop taking loads, make the queue due
             self._closing = True
-            self._due = len(self._queue)
+            self._queue.make_due()
             self._cond.notify_all()
             return list(self._workers)
 
@@ -833,7 +788,6 @@ class _Core(Generic[K, V]):
             entries = list(self._entries.values())
             self._entries.clear()
             self._queue.clear()
-            self._due = 0
             for entry in entries:
                 entry.state = _DONE
                 entry.failed = True
