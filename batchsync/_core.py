@@ -479,6 +479,10 @@ class _Core(Generic[K, V]):
           integrations open one per request) whose thread is not blocked in a batchsync
           wait; when the last of them blocks or ends, every held window is dispatched
           (_activity pokes the holding cores);
+        - a request to come: a threaded server accepts and parses concurrent requests
+          one after the other, so while they keep arriving close together (three of the
+          latest gaps between requests of different threads fit in the window), the window
+          is held until the next one is due: three such gaps after the latest start;
         - outside any scope, an estimate: another thread that loaded from this Batcher, or
           was answered by it, within the last window and is not blocked on it now; when it
           blocks here too, it dispatches for both.
@@ -492,11 +496,17 @@ class _Core(Generic[K, V]):
         """
         if self.eager:
             return False
+        now = time.monotonic()
         with _activity.lock:  # critical section: read the count and register atomically
             if _activity.running() > 0:
                 _activity.holding.add(self)
                 return True
-        horizon = time.monotonic() - self.window
+            coming = _activity.next_arrival(tid, self.window)
+        if coming > now:
+            self._queue.hold_until(coming)
+            self._cond.notify()  # a worker times the earlier close
+            return True
+        horizon = now - self.window
         waiting = self._waiting
         for other, seen in self._recent.items():
             if seen > horizon and other != tid and other not in waiting:

@@ -11,6 +11,7 @@ the next free slot. The rest wait in the *open window*, which closes at ``deadli
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from typing import Any
 
@@ -40,7 +41,7 @@ class Entry:
 class Queue:
     """Queued entries in arrival order, how many of them are due, and the window's deadline."""
 
-    __slots__ = ("deadline", "due", "entries", "max_batch_size", "partitioned", "window")
+    __slots__ = ("deadline", "due", "entries", "linger", "max_batch_size", "partitioned", "window")
 
     def __init__(self, window: float, max_batch_size: int, partitioned: bool) -> None:
         self.window = window
@@ -49,6 +50,7 @@ class Queue:
         self.entries: list[Entry] = []
         self.due = 0  # how many entries at the head are due for dispatch
         self.deadline = 0.0  # when the open window closes (valid while held > 0)
+        self.linger = math.inf  # an earlier close the dispatch rule may set (hold_until)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -76,6 +78,7 @@ class Queue:
             return True
         if not was_open:
             self.deadline = now + self.window
+            self.linger = math.inf
             return True
         return False
 
@@ -86,11 +89,15 @@ class Queue:
             return True
         return False
 
+    def hold_until(self, when: float) -> None:
+        """Close the open window at when, if that is before its deadline (latest call wins)."""
+        self.linger = when
+
     def expire(self, now: float) -> float | None:
-        """Close the window if its deadline has passed; return the seconds left, else None."""
+        """Close the window if its deadline (or linger) has passed; return the seconds left."""
         if self.due == len(self.entries):
             return None
-        delay = self.deadline - now
+        delay = min(self.deadline, self.linger) - now
         if delay <= 0:
             self.due = len(self.entries)
             return None

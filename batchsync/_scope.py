@@ -6,8 +6,10 @@ a batch function asks ``current_partition()`` for while it runs.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,13 +40,37 @@ class _Activity:
         self.open = 0  # outermost scopes open (requests in progress)
         self.blocked = 0  # of those, how many wait in a batchsync call right now
         self.holding: set[Any] = set()  # cores whose window waits for running requests
+        # When the latest request started, and in which thread; the same for the latest one
+        # from another thread than that. Requests that keep arriving are company to come.
+        self.last = (-math.inf, 0)
+        self.before = (-math.inf, 0)
+        self.gap = math.inf  # the typical gap between requests of different threads
 
     def running(self) -> int:
         return self.open - self.blocked
 
+    def next_arrival(self, tid: int, within: float) -> float:
+        """When another thread's next request is due, judging by the latest ones (-inf: none).
+
+        That is the latest start of a request by another thread than tid, plus GAPS times
+        the typical gap between requests of different threads; -inf when that many gaps
+        exceed ``within`` seconds (requests too sparse to wait for).
+        """
+        wait = GAPS * self.gap
+        if wait > within:
+            return -math.inf
+        return (self.last[0] if self.last[1] != tid else self.before[0]) + wait
     def change(self, opened: int, blocked: int) -> None:
         """Count a scope opening/ending or a request blocking/unblocking; poke when idle."""
         with self.lock:  # critical section: the counters; take the cores to poke
+            if opened > 0:
+                tid, now = threading.get_ident(), time.monotonic()
+                if self.last[1] != tid:
+                    # Smoothed, but a burst after a quiet spell starts from its first gap.
+                    gap = now - self.last[0]
+                    self.gap = gap if gap < self.gap / 4 else (self.gap + gap) / 2
+                    self.before = self.last
+                self.last = (now, tid)
             self.open += opened
             self.blocked += blocked
             cores = list(self.holding) if self.open == self.blocked and self.holding else ()
@@ -56,7 +82,12 @@ class _Activity:
         self.open = 1 if _scope_memo.get() is not None else 0
         self.blocked = 0
         self.holding = set()
+        self.last = self.before = (-math.inf, 0)
+        self.gap = math.inf
 
+
+#: How many gaps between recent requests a window waits for the next one (see next_arrival).
+GAPS = 3.0
 
 _activity = _Activity()
 if hasattr(os, "register_at_fork"):
