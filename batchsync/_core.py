@@ -187,8 +187,8 @@ class _Core(Generic[K, V]):
         self._cache: dict[Hashable, Any] = {}
         self._running = 0  # keys in flight
         self._active = 0  # chunks in flight: slots taken of max_concurrency
-        # Company outside any scope: thread id -> when it last loaded or was answered here,
-        # and the threads blocked in a wait on this core right now (thread id -> count).
+        # Company by thread: thread id -> when it last loaded or was answered here, and the
+        # threads blocked in a wait on this core right now (thread id -> count).
         self._recent: dict[int, float] = {}
         self._waiting: dict[int, int] = {}
         self._tick_loops: set[asyncio.AbstractEventLoop] = set()  # aload flushes scheduled
@@ -230,8 +230,7 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: look up, de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(idents)
-            if _scope_memo.get() is None:
-                self._seen_locked(threading.get_ident())
+            self._seen_locked(threading.get_ident())
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
                 entry = self._find_locked(mkey, memo)
                 if entry is not None and entry.state == _DONE:
@@ -262,8 +261,7 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: look up, de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(idents)
-            if _scope_memo.get() is None:
-                self._seen_locked(threading.get_ident())
+            self._seen_locked(threading.get_ident())
             seen: dict[Hashable, _Entry] = {}
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
                 entry = seen.get(mkey)
@@ -302,8 +300,7 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(keys)
-            if _scope_memo.get() is None:
-                self._seen_locked(threading.get_ident())
+            self._seen_locked(threading.get_ident())
             self._deduplicated += len(keys) - len(unique)
             entries, queue = self._entries, self._queue.entries
             was_open = self._queue.held > 0
@@ -342,7 +339,7 @@ class _Core(Generic[K, V]):
             raise TimeoutError(f"batchsync: no result within {timeout} s")
 
     def _seen_locked(self, tid: int) -> None:
-        """Note that thread tid, outside any scope, is active on this core now."""
+        """Note that thread tid is active on this core now."""
         recent = self._recent
         now = recent[tid] = time.monotonic()
         if len(recent) > 256:  # forget threads that have been quiet for a window
@@ -426,22 +423,21 @@ class _Core(Generic[K, V]):
         if scoped:
             _activity.change(0, 1)
         try:
-            self._before_wait(entries, timeout, scoped, tid)
+            self._before_wait(entries, timeout, tid)
             return wait()
         finally:
             if scoped:
                 _activity.change(0, -1)
-            else:
-                with self._lock:  # critical section: the caller runs again
-                    waiting = self._waiting
-                    if waiting[tid] == 1:
-                        del waiting[tid]
-                    else:
-                        waiting[tid] -= 1
-                    self._recent[tid] = time.monotonic()
+            with self._lock:  # critical section: the caller runs again
+                waiting = self._waiting
+                if waiting[tid] == 1:
+                    del waiting[tid]
+                else:
+                    waiting[tid] -= 1
+                self._recent[tid] = time.monotonic()
 
     def _before_wait(
-        self, entries: list[_Entry], timeout: float | None, scoped: bool, tid: int
+        self, entries: list[_Entry], timeout: float | None, tid: int
     ) -> None:
         # With a timeout a worker runs the batch, so that the caller can leave on time.
         inline = self.inline and timeout is None
@@ -452,7 +448,7 @@ class _Core(Generic[K, V]):
                 i += 1
             chunk = None
             with self._lock:  # critical section: the dispatch rule, take a chunk or hand over
-                if first and not scoped:
+                if first:
                     self._waiting[tid] = self._waiting.get(tid, 0) + 1
                 first = False
                 if i < n and self._queue.held and not self._company_locked(tid):
@@ -483,8 +479,12 @@ class _Core(Generic[K, V]):
           one after the other, so while they keep arriving close together (three of the
           latest gaps between requests of different threads fit in the window), the window
           is held until the next one is due: three such gaps after the latest start;
-        - outside any scope, an estimate: another thread that loaded from this Batcher, or
-          was answered by it, within the last window and is not blocked on it now; when it
+        - a call of this Batcher in flight: its callers come back with their next keys
+          as soon as it returns (the next level of their trees), so the window waits for
+          them; under load this turns the callers into one convoy, one call per level;
+        - a thread likely to come back: another thread that loaded from this Batcher, or
+          was answered by it, within the last window and is not blocked on it now (a
+          pool's thread between two requests, or any thread outside a scope); when it
           blocks here too, it dispatches for both.
 
         Otherwise (a lone request, or everybody waits) the keys are dispatched at once. The
@@ -496,21 +496,26 @@ class _Core(Generic[K, V]):
         """
         if self.eager:
             return False
-        now = time.monotonic()
+        queue = self._queue
         with _activity.lock:  # critical section: read the count and register atomically
             if _activity.running() > 0:
                 _activity.holding.add(self)
+                queue.hold_until(math.inf)
                 return True
             coming = _activity.next_arrival(tid, self.window)
-        if coming > now:
-            self._queue.hold_until(coming)
-            self._cond.notify()  # a worker times the earlier close
-            return True
+        now = time.monotonic()
         horizon = now - self.window
         waiting = self._waiting
-        for other, seen in self._recent.items():
-            if seen > horizon and other != tid and other not in waiting:
-                return True
+        if self._active or any(
+            seen > horizon and other != tid and other not in waiting
+            for other, seen in self._recent.items()
+        ):
+            queue.hold_until(math.inf)
+            return True
+        if coming > now:  # only requests to come: close the window when the next is due
+            queue.hold_until(coming)
+            self._cond.notify()  # a worker times the earlier close
+            return True
         return False
 
     def poke(self) -> None:

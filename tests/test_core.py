@@ -405,6 +405,35 @@ def test_outside_scopes_a_thread_that_just_loaded_is_company() -> None:
     assert rec.calls == [[5, 1, 6]]
 
 
+def test_a_call_in_flight_is_company_its_callers_come_back_with_more_keys() -> None:
+    release = threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        if 1 in keys:
+            release.wait(T)
+        return [k * 10 for k in keys]
+
+    rec = Recorder(fn)
+    with Batcher(rec, window=LONG, max_concurrency=2) as b:
+        got: list[Any] = []
+
+        def tree() -> None:  # two levels: the second key comes once the first is answered
+            got.append(b.get(1, timeout=T))
+            got.append(b.get(3, timeout=T))
+
+        first = threading.Thread(target=tree)
+        first.start()
+        _wait_until(lambda: rec.calls == [[1]])  # a lone caller: sent at once
+        other = threading.Thread(target=lambda: got.append(b.get(2, timeout=T)))
+        other.start()
+        _wait_until(lambda: b.stats().queued == 1)  # held: the call in flight will come back
+        release.set()
+        first.join(T)
+        other.join(T)
+    assert sorted(got) == [10, 20, 30]
+    assert rec.calls[0] == [1] and sorted(map(sorted, rec.calls[1:])) == [[2, 3]]
+
+
 def test_eager_never_waits_for_company() -> None:
     rec = Recorder()
     with Batcher(rec, window=LONG, eager=True) as b:

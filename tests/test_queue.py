@@ -29,6 +29,21 @@ def test_the_first_key_opens_a_window_that_closes_at_its_deadline() -> None:
     assert len(q) == 0
 
 
+def test_hold_until_closes_the_window_early_until_a_new_one_opens() -> None:
+    q = Queue(window=1.0, max_batch_size=10, partitioned=False)
+    q.push(entry(1), now=0.0)
+    q.hold_until(0.25)
+    left = q.expire(now=0.1)
+    assert left is not None and abs(left - 0.15) < 1e-9
+    q.hold_until(0.5)  # the latest call wins
+    assert q.expire(now=0.3) is not None
+    assert q.expire(now=0.5) is None and q.held == 0
+    q.take()
+    q.push(entry(2), now=2.0)  # a new window forgets the old linger
+    left = q.expire(now=2.6)
+    assert left is not None and abs(left - 0.4) < 1e-9
+
+
 def test_a_full_window_is_due_at_once() -> None:
     q = Queue(window=60.0, max_batch_size=3, partitioned=False)
     q.push(entry(1), now=0.0)
