@@ -418,8 +418,10 @@ class _Core(Generic[K, V]):
         if _tls.worker or _tls.running:
             self._help(entries, done)
             return wait()
-        tid = threading.get_ident()
         scoped = _scope_memo.get() is not None
+        if not scoped and all(e.state != _QUEUED for e in entries):
+            return wait()  # sent already: nothing left to decide (load_many + result())
+        tid = threading.get_ident()
         if scoped:
             _activity.change(0, 1)
         try:
