@@ -58,10 +58,11 @@ _tls = _Tls()
 class _Latch:
     """Counts down the entries one get_many call waits on; opens at zero."""
 
-    __slots__ = ("_lock", "remaining")
+    __slots__ = ("_lock", "remaining", "tid")
 
     def __init__(self) -> None:
         self.remaining = 0
+        self.tid = 0  # the thread counted as blocked on this core for it, until answered
         self._lock = threading.Lock()
         self._lock.acquire()
 
@@ -334,7 +335,7 @@ class _Core(Generic[K, V]):
     def _wait(self, waited: list[_Entry], latch: _Latch, timeout: float | None) -> None:
         """Block until latch opens for the entries of one get_many call, or time out."""
         if not self.block_on(
-            waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout)
+            waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout), latch
         ):
             raise TimeoutError(f"batchsync: no result within {timeout} s")
 
@@ -406,6 +407,7 @@ class _Core(Generic[K, V]):
         done: Callable[[], bool],
         timeout: float | None,
         wait: Callable[[], _T],
+        latch: _Latch | None = None,
     ) -> _T:
         """Block the caller on entries: apply the dispatch rule, then return ``wait()``.
 
@@ -425,21 +427,29 @@ class _Core(Generic[K, V]):
         if scoped:
             _activity.change(0, 1)
         try:
-            self._before_wait(entries, timeout, tid)
+            self._before_wait(entries, timeout, tid, latch)
             return wait()
         finally:
             if scoped:
                 _activity.change(0, -1)
             with self._lock:  # critical section: the caller runs again
-                waiting = self._waiting
-                if waiting[tid] == 1:
-                    del waiting[tid]
-                else:
-                    waiting[tid] -= 1
-                self._recent[tid] = time.monotonic()
+                if latch is None or latch.tid:  # not already counted as answered by _finish
+                    self._unwait_locked(tid)
+                    if latch is not None:
+                        latch.tid = 0
+
+    def _unwait_locked(self, tid: int) -> None:
+        """Count thread tid as running again: it is company from now on (see the rule)."""
+        waiting = self._waiting
+        count = waiting.get(tid, 0)
+        if count > 1:
+            waiting[tid] = count - 1
+        else:
+            waiting.pop(tid, None)
+        self._recent[tid] = time.monotonic()
 
     def _before_wait(
-        self, entries: list[_Entry], timeout: float | None, tid: int
+        self, entries: list[_Entry], timeout: float | None, tid: int, latch: _Latch | None
     ) -> None:
         # With a timeout a worker runs the batch, so that the caller can leave on time.
         inline = self.inline and timeout is None
@@ -452,6 +462,8 @@ class _Core(Generic[K, V]):
             with self._lock:  # critical section: the dispatch rule, take a chunk or hand over
                 if first:
                     self._waiting[tid] = self._waiting.get(tid, 0) + 1
+                    if latch is not None:
+                        latch.tid = tid
                 first = False
                 if i < n and self._queue.held and not self._company_locked(tid):
                     self._queue.make_due()
@@ -756,6 +768,10 @@ class _Core(Generic[K, V]):
                         latches.append(latch)
                 else:
                     _collect(entry, futures, latches)
+            for latch in latches:
+                if latch.tid:  # answered: it runs again (and may bring keys) from now on
+                    self._unwait_locked(latch.tid)
+                    latch.tid = 0
         _deliver(futures, latches)
 
     # -- control -----------------------------------------------------------------------------
