@@ -772,6 +772,11 @@ class _Core(Generic[K, V]):
                 if latch.tid:  # answered: it runs again (and may bring keys) from now on
                     self._unwait_locked(latch.tid)
                     latch.tid = 0
+            if self._queue.held and not self._company_locked(0):
+                # This call was the company of the held keys and nobody it answered runs
+                # again (they may be the very callers waiting on the held keys): send them.
+                self._queue.make_due()
+                self._cond.notify()
         _deliver(futures, latches)
 
     # -- control -----------------------------------------------------------------------------

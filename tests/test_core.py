@@ -434,6 +434,26 @@ def test_a_call_in_flight_is_company_its_callers_come_back_with_more_keys() -> N
     assert rec.calls[0] == [1] and sorted(map(sorted, rec.calls[1:])) == [[2, 3]]
 
 
+def test_keys_held_for_a_call_in_flight_go_when_it_returns_to_nobody_else() -> None:
+    gate = threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        if 1 in keys:
+            gate.wait(T)
+        return [k * 10 for k in keys]
+
+    rec = Recorder(fn)
+    with Batcher(rec, window=LONG, max_batch_size=2) as b:
+        futures = b.load_many([1, 2, 3])  # [1, 2] is full and goes; 3 waits in a window
+        _wait_until(lambda: rec.calls == [[1, 2]])
+        # Orders the release after the caller blocks (if it fires early, the test is weaker).
+        timer = threading.Timer(0.1, gate.set)
+        timer.start()
+        assert futures[2].result(T) == 30  # its only company was its own caller's call
+        timer.join(T)
+    assert rec.calls == [[1, 2], [3]]
+
+
 def test_eager_never_waits_for_company() -> None:
     rec = Recorder()
     with Batcher(rec, window=LONG, eager=True) as b:
