@@ -495,7 +495,11 @@ class _Core(Generic[K, V]):
           is held until the next one is due: three such gaps after the latest start;
         - a call of this Batcher in flight: its callers come back with their next keys
           as soon as it returns (the next level of their trees), so the window waits for
-          them; under load this turns the callers into one convoy, one call per level;
+          them; under load this turns the callers into one convoy, one call per level.
+          When it returns, _finish applies the rule again: a get_many caller counts as
+          running from the moment its answer is published (not when its thread wakes),
+          and with nobody to come back (the call's callers wait on the held keys
+          themselves) the held keys go at once;
         - a thread likely to come back: another thread that loaded from this Batcher, or
           was answered by it, within the last window and is not blocked on it now (a
           pool's thread between two requests, or any thread outside a scope); when it
