@@ -40,7 +40,11 @@ class Batcher(Generic[K, V]):
     fails every key of that call; any other result fails the call with BatchError.
 
     Options:
-        window: seconds a key waits for company before its batch is sent (0 = at once).
+        window: the most seconds a key waits for company before its batch is sent. A
+            caller that blocks (get, get_many, Future.result) while other requests are
+            running waits up to this long for their keys to join its call; with nobody else
+            running it is dispatched at once (see the README, "Choosing the window").
+            Futures nobody blocks on yet wait out the whole window. 0 = send at once.
         max_batch_size: the most keys in one call; a full queue is sent at once.
         max_concurrency: how many calls of ``batch_fn`` may run at the same time.
         cache: False; True to memoize values (not errors) until clear(); "scope" to memoize
@@ -49,8 +53,9 @@ class Batcher(Generic[K, V]):
         partition: called at load time in the caller's thread; keys with different
             partitions never share a call (see ``batchsync.current_partition()``).
         missing: "none" or "raise", for keys a Mapping result leaves out.
-        eager: when True, a caller that blocks on a key sends the queue at once instead
-            of sitting out the window (see the README, "Choosing the window").
+        eager: when True, a caller that blocks on a key sends the queue at once, never
+            waiting for company: the lowest latency, the least coalescing of blocking
+            callers. Default False.
         inline: when True, a caller that blocks with no timeout and finds a free slot runs
             the batch function in its own thread instead of handing it to a worker. Only
             for batch functions that use no thread-bound state (a pool, not a thread-local
@@ -73,7 +78,7 @@ class Batcher(Generic[K, V]):
         key_fn: Callable[[K], Hashable] | None = None,
         partition: Callable[[], Hashable] | None = None,
         missing: MissingMode = "none",
-        eager: bool = True,
+        eager: bool = False,
         inline: bool = False,
         name: str | None = None,
     ) -> None:
@@ -246,11 +251,12 @@ def batched(
 async def aload(batcher: Batcher[K, V], key: K) -> V | None:
     """Await the value of key from an asyncio task without blocking the event loop.
 
-    The key is queued and its window closed at once (the task is about to wait for it);
-    the batch runs on the Batcher's worker thread.
+    The key is queued and the queue is sent at the end of the event loop's current tick:
+    sibling ``aload`` calls started in one tick (``asyncio.gather``) share one call, and the
+    task never waits out the window. The batch runs on the Batcher's worker thread.
     """
     if not isinstance(batcher, Batcher):
         raise TypeError(f"batchsync: aload() takes a Batcher, not {batcher!r}")
     fut = batcher.load(key)
-    batcher.flush()
+    batcher._core.flush_at_tick_end(asyncio.get_running_loop())
     return await asyncio.wrap_future(fut)

@@ -7,7 +7,7 @@ more can be collected, and its finalizer closes the core.
 
 Life of a key::
 
-    load/get_many ──> _Entry queued ──(window closes | full | flush | a caller waits)──> due
+    load/get_many ──> _Entry queued ──(window closes | full | flush | the dispatch rule)──> due
     due ──(a free slot: a worker, or an inline caller)──> running ──(returns)──> done
 
 A key loaded again while its entry is queued or running joins that entry (one more waiter)
@@ -17,6 +17,7 @@ instead of being sent twice. Waiters are either ``_LoadFuture`` objects (``load`
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import math
@@ -24,16 +25,21 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Generic
+from typing import Any, Generic, TypeVar
 
-from ._scope import _partition, _scope_memo
+from ._queue import DONE as _DONE
+from ._queue import QUEUED as _QUEUED
+from ._queue import RUNNING as _RUNNING
+from ._queue import Entry as _Entry
+from ._queue import Queue
+from ._scope import _activity, _partition, _scope_memo
 from ._stats import Stats
 from ._types import K, V
 from .errors import BatchCycleError, BatcherClosed, BatchError
 
 logger = logging.getLogger("batchsync")
 
-_QUEUED, _RUNNING, _DONE = 0, 1, 2
+_T = TypeVar("_T")
 _MISSING: Any = object()
 
 
@@ -52,10 +58,11 @@ _tls = _Tls()
 class _Latch:
     """Counts down the entries one get_many call waits on; opens at zero."""
 
-    __slots__ = ("_lock", "remaining")
+    __slots__ = ("_lock", "remaining", "tid")
 
     def __init__(self) -> None:
         self.remaining = 0
+        self.tid = 0  # the thread counted as blocked on this core for it, until answered
         self._lock = threading.Lock()
         self._lock.acquire()
 
@@ -67,24 +74,6 @@ class _Latch:
             self._lock.release()
             return True
         return False
-
-
-class _Entry:
-    """One unique key, queued or running, with everyone who waits for it."""
-
-    __slots__ = ("failed", "ident", "key", "mkey", "partition", "state", "value", "waiters")
-
-    def __init__(
-        self, key: Any, ident: Hashable, mkey: Hashable, partition: Hashable, waiter: Any = None
-    ) -> None:
-        self.key = key
-        self.ident = ident  # the key's identity (key_fn(key) or the key itself)
-        self.mkey = mkey  # identity within the batcher: (partition, ident) when partitioned
-        self.partition = partition
-        self.state = _QUEUED
-        self.value: Any = None
-        self.failed = False
-        self.waiters: list[Any] = [] if waiter is None else [waiter]
 
 
 class _LoadFuture(Future[V]):
@@ -102,13 +91,15 @@ class _LoadFuture(Future[V]):
     def result(self, timeout: float | None = None) -> V:
         core, entry = self._core, self._entry
         if core is not None and entry is not None and not self.done():
-            core.await_entries([entry], self.done, timeout)
+            return core.block_on([entry], self.done, timeout, lambda: Future.result(self, timeout))
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         core, entry = self._core, self._entry
         if core is not None and entry is not None and not self.done():
-            core.await_entries([entry], self.done, timeout)
+            return core.block_on(
+                [entry], self.done, timeout, lambda: Future.exception(self, timeout)
+            )
         return super().exception(timeout)
 
 
@@ -191,14 +182,17 @@ class _Core(Generic[K, V]):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._entries: dict[Hashable, _Entry] = {}  # queued and running, by mkey
-        self._queue: list[_Entry] = []  # queued, in arrival order
-        self._due = 0  # how many entries at the head of _queue are due for dispatch
-        self._deadline = 0.0  # when the open window closes (valid while keys are not due)
+        self._queue = Queue(self.window, self.max_batch_size, self.partition_fn is not None)
         self._closing = False
         self._workers: list[threading.Thread] = []
         self._cache: dict[Hashable, Any] = {}
         self._running = 0  # keys in flight
         self._active = 0  # chunks in flight: slots taken of max_concurrency
+        # Company by thread: thread id -> when it last loaded or was answered here, and the
+        # threads blocked in a wait on this core right now (thread id -> count).
+        self._recent: dict[int, float] = {}
+        self._waiting: dict[int, int] = {}
+        self._tick_loops: set[asyncio.AbstractEventLoop] = set()  # aload flushes scheduled
         self._loads = self._cache_hits = self._deduplicated = 0
         self._batches = self._keys = self._failed_batches = 0
         self._largest = self._coalesced = 0
@@ -237,6 +231,7 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: look up, de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(idents)
+            self._seen_locked(threading.get_ident())
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
                 entry = self._find_locked(mkey, memo)
                 if entry is not None and entry.state == _DONE:
@@ -267,14 +262,14 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: look up, de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(idents)
+            self._seen_locked(threading.get_ident())
             seen: dict[Hashable, _Entry] = {}
             for key, (ident, mkey, part) in zip(keys, idents, strict=True):
                 entry = seen.get(mkey)
                 if entry is None:
                     entry = self._find_locked(mkey, memo)
                     if entry is None:
-                        # An eager caller closes the window itself right after this.
-                        entry = self._enqueue_locked(key, ident, mkey, part, memo, not self.eager)
+                        entry = self._enqueue_locked(key, ident, mkey, part, memo)
                     if entry.state != _DONE:
                         entry.waiters.append(latch)
                         waited.append(entry)
@@ -306,9 +301,10 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(keys)
+            self._seen_locked(threading.get_ident())
             self._deduplicated += len(keys) - len(unique)
-            entries, queue = self._entries, self._queue
-            was_open = len(queue) > self._due
+            entries, queue = self._entries, self._queue.entries
+            was_open = self._queue.held > 0
             for key in unique:
                 entry = entries.get(key)
                 if entry is None:
@@ -320,7 +316,8 @@ class _Core(Generic[K, V]):
                 unique[key] = entry
             latch.remaining = len(unique)
             if unique:
-                self._queued_locked(was_open, not self.eager)
+                if self._queue.pushed(was_open, time.monotonic()):
+                    self._cond.notify()
                 if not self._workers:
                     self._start_workers_locked()
         if unique:
@@ -337,21 +334,19 @@ class _Core(Generic[K, V]):
 
     def _wait(self, waited: list[_Entry], latch: _Latch, timeout: float | None) -> None:
         """Block until latch opens for the entries of one get_many call, or time out."""
-        self.await_entries(waited, lambda: latch.remaining == 0, timeout)
-        if not latch.wait(timeout):
+        if not self.block_on(
+            waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout), latch
+        ):
             raise TimeoutError(f"batchsync: no result within {timeout} s")
 
-    def _queued_locked(self, was_open: bool, notify: bool) -> None:
-        """Apply the window rules after keys were queued (see _wait_chunk_locked)."""
-        queue = self._queue
-        if len(queue) - self._due >= self.max_batch_size:
-            self._due = len(queue)  # full: send at once
-            self._cond.notify()
-        elif not was_open:
-            # The window opens: a worker starts timing it.
-            self._deadline = time.monotonic() + self.window
-            if notify:
-                self._cond.notify()
+    def _seen_locked(self, tid: int) -> None:
+        """Note that thread tid is active on this core now."""
+        recent = self._recent
+        now = recent[tid] = time.monotonic()
+        if len(recent) > 256:  # forget threads that have been quiet for a window
+            horizon = now - self.window
+            for other in [t for t, seen in recent.items() if seen <= horizon]:
+                del recent[other]
 
     def _scope_memo(self) -> dict[Hashable, Any] | None:
         if not self.cache_scope:
@@ -395,45 +390,84 @@ class _Core(Generic[K, V]):
         mkey: Hashable,
         part: Hashable,
         memo: dict[Hashable, Any] | None,
-        notify: bool = True,
     ) -> _Entry:
         entry = _Entry(key, ident, mkey, part)
         self._entries[mkey] = entry
         if memo is not None:
             memo[mkey] = entry
-        was_open = len(self._queue) > self._due
-        self._queue.append(entry)
-        self._queued_locked(was_open, notify)
+        if self._queue.push(entry, time.monotonic()):
+            self._cond.notify()  # the window opened (a worker times it) or is full
         return entry
 
     # -- waiting -----------------------------------------------------------------------------
 
-    def await_entries(
-        self, entries: list[_Entry], done: Callable[[], bool], timeout: float | None
-    ) -> None:
-        """Do what helps before a caller blocks on entries; the caller then waits for done().
+    def block_on(
+        self,
+        entries: list[_Entry],
+        done: Callable[[], bool],
+        timeout: float | None,
+        wait: Callable[[], _T],
+        latch: _Latch | None = None,
+    ) -> _T:
+        """Block the caller on entries: apply the dispatch rule, then return ``wait()``.
 
         Inside a batch function (or on a worker thread): run the queued chunks here, see
-        _help. On an ordinary thread, when eager: close the window; then, when inline and
-        with no timeout to honour, run due chunks on this thread while a slot is free and
-        the caller's own keys are still queued; hand what is left to a worker.
+        _help. On an ordinary thread: count the caller as blocked for the dispatch rule
+        (see _company_locked) while it waits, and dispatch at once when nobody else could
+        add keys; then, when inline and with no timeout to honour, run due chunks on this
+        thread while a slot is free and the caller's own keys are still queued.
         """
         if _tls.worker or _tls.running:
             self._help(entries, done)
-            return
-        if not self.eager:
-            return
+            return wait()
+        scoped = _scope_memo.get() is not None
+        if not scoped and all(e.state != _QUEUED for e in entries):
+            return wait()  # sent already: nothing left to decide (load_many + result())
+        tid = threading.get_ident()
+        if scoped:
+            _activity.change(0, 1)
+        try:
+            self._before_wait(entries, timeout, tid, latch)
+            return wait()
+        finally:
+            if scoped:
+                _activity.change(0, -1)
+            with self._lock:  # critical section: the caller runs again
+                if latch is None or latch.tid:  # not already counted as answered by _finish
+                    self._unwait_locked(tid)
+                    if latch is not None:
+                        latch.tid = 0
+
+    def _unwait_locked(self, tid: int) -> None:
+        """Count thread tid as running again: it is company from now on (see the rule)."""
+        waiting = self._waiting
+        count = waiting.get(tid, 0)
+        if count > 1:
+            waiting[tid] = count - 1
+        else:
+            waiting.pop(tid, None)
+        self._recent[tid] = time.monotonic()
+
+    def _before_wait(
+        self, entries: list[_Entry], timeout: float | None, tid: int, latch: _Latch | None
+    ) -> None:
         # With a timeout a worker runs the batch, so that the caller can leave on time.
         inline = self.inline and timeout is None
         i, n = 0, len(entries)
+        first = True
         while True:
             while i < n and entries[i].state != _QUEUED:
                 i += 1
             chunk = None
-            with self._lock:  # critical section: close the window, take a chunk or hand over
-                if i < n:  # some of the caller's keys are still queued: close their window
-                    self._due = len(self._queue)
-                if self._due and self._active < self.max_concurrency:
+            with self._lock:  # critical section: the dispatch rule, take a chunk or hand over
+                if first:
+                    self._waiting[tid] = self._waiting.get(tid, 0) + 1
+                    if latch is not None:
+                        latch.tid = tid
+                first = False
+                if i < n and self._queue.held and not self._company_locked(tid):
+                    self._queue.make_due()
+                if self._queue.due and self._active < self.max_concurrency:
                     if inline and i < n:
                         chunk = self._take_locked()
                     else:
@@ -442,6 +476,75 @@ class _Core(Generic[K, V]):
                 return
             if chunk:
                 self._run(chunk, wake=False)
+
+    def _company_locked(self, tid: int) -> bool:
+        """Return True when the open window should wait: someone may still add keys to it.
+
+        THE DISPATCH RULE. A queued key is worth holding back only while somebody who could
+        still add keys to its call is running (PostgreSQL's commit_delay waits only while
+        commit_siblings other transactions are active). So when a caller blocks on keys
+        whose window is open, the window is held only while there is company:
+
+        - a request in progress: an outermost ``batchsync.scope()`` (the Flask and Django
+          integrations open one per request) whose thread is not blocked in a batchsync
+          wait; when the last of them blocks or ends, every held window is dispatched
+          (_activity pokes the holding cores);
+        - a request to come: a threaded server accepts and parses concurrent requests
+          one after the other, so while they keep arriving close together (three of the
+          latest gaps between requests of different threads fit in the window), the window
+          is held until the next one is due: three such gaps after the latest start;
+        - a call of this Batcher in flight: its callers come back with their next keys
+          as soon as it returns (the next level of their trees), so the window waits for
+          them; under load this turns the callers into one convoy, one call per level.
+          When it returns, _finish applies the rule again: a get_many caller counts as
+          running from the moment its answer is published (not when its thread wakes),
+          and with nobody to come back (the call's callers wait on the held keys
+          themselves) the held keys go at once;
+        - a thread likely to come back: another thread that loaded from this Batcher, or
+          was answered by it, within the last window and is not blocked on it now (a
+          pool's thread between two requests, or any thread outside a scope); when it
+          blocks here too, it dispatches for both.
+
+        Otherwise (a lone request, or everybody waits) the keys are dispatched at once. The
+        window is thus an upper bound on the wait: the worker still dispatches when it
+        closes, when max_batch_size keys wait, on flush() and on close(). With eager=True
+        there is never company: a blocking caller always dispatches at once.
+
+        Called under the core's lock; takes _activity's lock inside it.
+        """
+        if self.eager:
+            return False
+        queue = self._queue
+        with _activity.lock:  # critical section: read the count and register atomically
+            if _activity.running() > 0:
+                _activity.holding.add(self)
+                queue.hold_until(math.inf)
+                return True
+            coming = _activity.next_arrival(tid, self.window)
+        now = time.monotonic()
+        horizon = now - self.window
+        waiting = self._waiting
+        if self._active or any(
+            seen > horizon and other != tid and other not in waiting
+            for other, seen in self._recent.items()
+        ):
+            queue.hold_until(math.inf)
+            return True
+        if coming > now:  # only requests to come: close the window when the next is due
+            queue.hold_until(coming)
+            self._cond.notify()  # a worker times the earlier close
+            return True
+        return False
+
+    def poke(self) -> None:
+        """Dispatch a held window if its company is gone (_activity calls it, unlocked)."""
+        with self._lock:  # critical section: the dispatch rule again
+            if self._queue.held and not self._company_locked(0):
+                self._queue.make_due()
+                self._cond.notify()
+            if not self._queue.held:
+                with _activity.lock:
+                    _activity.holding.discard(self)
 
     def _help(self, entries: list[_Entry], done: Callable[[], bool]) -> None:
         """Run queued chunks on this (worker) thread until done() or nothing is left to run.
@@ -453,8 +556,8 @@ class _Core(Generic[K, V]):
         while not done():
             with self._lock:  # critical section: take a chunk to run on this thread
                 # No slot check: a nested call borrows the slot of the call it runs in.
-                self._due = len(self._queue)
-                chunk = self._take_locked() if self._due else None
+                self._queue.make_due()
+                chunk = self._take_locked() if self._queue.due else None
             if chunk is not None:
                 if chunk:
                     self._run(chunk)
@@ -493,21 +596,13 @@ class _Core(Generic[K, V]):
                 logger.exception("batchsync %s: internal error in a worker", self.name)
 
     def _wait_chunk_locked(self) -> list[_Entry] | None:
-        # When is a batch dispatched? This is the one subtle decision of the design.
-        #
-        # A key that arrives at an empty queue opens a window of `window` seconds; keys that
-        # arrive while it is open join it. The queued keys become *due* when the window
-        # closes, when max_batch_size keys wait, on flush() and on close(). A free worker
-        # takes due keys in chunks of at most max_batch_size (one partition per chunk).
-        #
-        # A window alone puts a floor under every load's latency (graphql/dataloader admits
-        # it): a lone request would wait out the window at every level of its tree. So,
-        # with eager=True (the default), a caller that *blocks* on a key (get, get_many,
-        # Future.result) makes the queue due at once: it cannot add more keys, and waiting
-        # longer only helps other threads. Under load this is group commit: while every
-        # worker is busy, due keys pile up and the next free worker sends them together, so
-        # keys coalesce exactly when the database is the bottleneck, and a lone request pays
-        # no window. Futures nobody waits on yet (load without result) still ride the window.
+        # The worker's part of the window: a key that arrives at an empty queue opens a
+        # window of `window` seconds; keys that arrive while it is open join it. The queued
+        # keys become *due* when the window closes, when max_batch_size keys wait, on flush()
+        # and on close(), and earlier when a caller blocks on them with nobody left who could
+        # add keys (the dispatch rule: _company_locked). A free worker takes due keys in
+        # chunks of at most max_batch_size (one partition per chunk). While every slot is
+        # busy, due keys pile up and the next free slot sends them together (group commit).
         #
         # With inline=True a waiting caller with no timeout runs the chunk itself, in its own
         # thread, when a slot (max_concurrency) is free: that saves the two thread switches
@@ -516,23 +611,22 @@ class _Core(Generic[K, V]):
         # Django connection, a thread-local ORM session) belongs to that caller's request;
         # batchsync.pg turns it on, as its batch function borrows from a pool. Workers and
         # inline callers share the slots.
+        queue = self._queue
         while True:
-            if self._due and self._active < self.max_concurrency:
+            if queue.due and self._active < self.max_concurrency:
                 chunk = self._take_locked()
                 if chunk:
                     return chunk
                 continue
-            if self._due:
+            if queue.due:
                 self._cond.wait()  # every slot is busy: _finish notifies when one frees
-            elif self._queue:
+            elif queue:
                 if self._closing:
-                    self._due = len(self._queue)
+                    queue.make_due()
                     continue
-                delay = self._deadline - time.monotonic()
-                if delay <= 0:
-                    self._due = len(self._queue)
-                    continue
-                self._cond.wait(min(delay, threading.TIMEOUT_MAX))
+                delay = queue.expire(time.monotonic())
+                if delay is not None:
+                    self._cond.wait(min(delay, threading.TIMEOUT_MAX))
             elif self._closing:
                 if not self._active:
                     return None
@@ -544,22 +638,7 @@ class _Core(Generic[K, V]):
 
     def _take_locked(self) -> list[_Entry]:
         """Take the next chunk of due entries, drop cancelled ones, mark the rest running."""
-        queue, size = self._queue, self.max_batch_size
-        if self.partition_fn is None:
-            n = min(self._due, size)
-            chunk = queue[:n]
-            del queue[:n]
-            self._due -= n
-        else:
-            part = queue[0].partition
-            chunk, rest = [], []
-            for entry in queue[: self._due]:
-                if entry.partition == part and len(chunk) < size:
-                    chunk.append(entry)
-                else:
-                    rest.append(entry)
-            queue[: self._due] = rest
-            self._due = len(rest)
+        chunk = self._queue.take()
         live = []
         for entry in chunk:
             waiters = entry.waiters
@@ -590,7 +669,7 @@ class _Core(Generic[K, V]):
                 self._coalesced += n
             if n > self._largest:
                 self._largest = n
-        if self._due and self._active < self.max_concurrency:
+        if self._queue.due and self._active < self.max_concurrency:
             self._cond.notify()  # more due chunks: another free worker may take one
         return live
 
@@ -673,7 +752,7 @@ class _Core(Generic[K, V]):
             self._active -= 1
             if self._closing and not self._active:
                 self._cond.notify_all()  # the last call in flight: the workers may end
-            elif wake and self._due:
+            elif wake and self._queue.due:
                 self._cond.notify()  # a slot is free for the next due chunk
             for i, entry in enumerate(chunk):
                 if entry.state == _DONE:
@@ -693,14 +772,36 @@ class _Core(Generic[K, V]):
                         latches.append(latch)
                 else:
                     _collect(entry, futures, latches)
+            for latch in latches:
+                if latch.tid:  # answered: it runs again (and may bring keys) from now on
+                    self._unwait_locked(latch.tid)
+                    latch.tid = 0
+            if self._queue.held and not self._company_locked(0):
+                # This call was the company of the held keys and nobody it answered runs
+                # again (they may be the very callers waiting on the held keys): send them.
+                self._queue.make_due()
+                self._cond.notify()
         _deliver(futures, latches)
 
     # -- control -----------------------------------------------------------------------------
 
     def flush(self) -> None:
         with self._lock:  # critical section: make everything queued due
-            if self._due < len(self._queue):
-                self._due = len(self._queue)
+            if self._queue.make_due():
+                self._cond.notify()
+
+    def flush_at_tick_end(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush once the callbacks already scheduled on loop have run (one per tick)."""
+        with self._lock:  # critical section: one scheduled flush per loop and tick
+            if loop in self._tick_loops:
+                return
+            self._tick_loops.add(loop)
+        loop.call_soon(self._tick_flush, loop)
+
+    def _tick_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:  # critical section: make everything queued due
+            self._tick_loops.discard(loop)
+            if self._queue.make_due():
                 self._cond.notify()
 
     def close(self, timeout: float | None) -> None:
@@ -717,7 +818,7 @@ class _Core(Generic[K, V]):
         """Stop taking loads; the workers send what is queued and then end. Return them."""
         with self._lock:  # critical section: stop taking loads, make the queue due
             self._closing = True
-            self._due = len(self._queue)
+            self._queue.make_due()
             self._cond.notify_all()
             return list(self._workers)
 
@@ -729,7 +830,6 @@ class _Core(Generic[K, V]):
             entries = list(self._entries.values())
             self._entries.clear()
             self._queue.clear()
-            self._due = 0
             for entry in entries:
                 entry.state = _DONE
                 entry.failed = True

@@ -131,6 +131,38 @@ def bench_threads(threads: int, per_thread: int, call_cost: float) -> dict[str, 
     }
 
 
+def bench_batched_package(threads: int, per_thread: int) -> float | None:
+    """gets/s of PyPI `batched` (0.1.5): its sync __call__ from each thread, same workload."""
+    try:
+        from batched import dynamically
+    except ImportError:
+        return None
+
+    @dynamically(batch_size=500, timeout_ms=5.0)  # type: ignore[misc]
+    def fn(keys: list[int]) -> list[int]:
+        return keys
+
+    barrier = threading.Barrier(threads + 1)
+
+    def worker(seed: int) -> None:
+        barrier.wait()
+        for i in range(per_thread):
+            key = (seed * 7919 + i) % 5000
+            if fn(key) != key:
+                raise AssertionError("wrong value")
+
+    pool = [threading.Thread(target=worker, args=(s,)) for s in range(threads)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    fn.shutdown()
+    return threads * per_thread / elapsed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--keys", type=int, default=100_000)
@@ -152,6 +184,7 @@ def main() -> int:
     aio = None if aio_runs[0] is None else min(x for x in aio_runs if x is not None)
     thr = bench_threads(args.threads, args.per_thread, 0.0)
     slow = bench_threads(args.threads, args.per_thread, args.call_cost / 1e6)
+    pkg = bench_batched_package(args.threads, args.per_thread)
     out = {
         "python": sys.version.split()[0],
         "keys": n,
@@ -166,6 +199,7 @@ def main() -> int:
         "aiodataloader_vs_get_many": None if aio is None else aio / gm,
         "threads": {"threads": args.threads, "gets_per_thread": args.per_thread, **thr},
         "threads_with_call_cost": {"call_cost_us": args.call_cost, **slow},
+        "batched_package_gets_per_s": pkg,
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -190,6 +224,14 @@ def main() -> int:
             f"mean batch size {t['mean_batch_size']:.1f}, "
             f"coalescing rate {t['coalescing_rate']:.1%}"
         )
+    if pkg is not None:
+        print(
+            f"  PyPI batched 0.1.5, same {args.threads} threads: {pkg:,.0f} gets/s "
+            f"(Batcher {thr['gets_per_s'] / pkg:.2f}x; target >= 1.5x, mean batch >= 56)"
+        )
+    if aio is not None:
+        print(f"  targets: load_many + result() {lm / aio:.2f}x aiodataloader (target <= 1x), "
+              f"get_many {gm / fut:.2f}x bare Future (target <= 0.5x)")
     return 0
 
 

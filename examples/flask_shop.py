@@ -79,8 +79,8 @@ def create_app(dsn: str | None = None, *, pool_size: int = 8) -> Flask:
 
     batch = BatchSync(app)
     # cache="scope": a key loaded twice in one request is fetched once; nothing is kept
-    # after the request. eager (the default): a request waiting in get_many sends its keys
-    # at once, and keys of requests arriving meanwhile ride together in the next query.
+    # after the request. A request waiting in get_many sends its keys at once when no other
+    # request runs; otherwise it waits up to the window for theirs to join the query.
     options: dict[str, Any] = {"cache": "scope", "window": 0.002, "max_concurrency": 2}
     customers = batch.register(pg.loader(pool, CUSTOMERS_SQL, key="id", **options))
     orders = batch.register(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -10,7 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import CancelledError, Future, as_completed, wait
 from typing import Any
 
 import pytest
@@ -106,6 +107,26 @@ def test_load_returns_a_concurrent_future() -> None:
         fut = b.load(7)
         assert isinstance(fut, Future)
         assert fut.result(T) == 70
+
+
+def test_load_futures_work_with_the_concurrent_futures_toolbox() -> None:
+    with Batcher(Recorder(), window=0.001) as b:
+        done, pending = wait(b.load_many([1, 2, 3]), timeout=T)
+        assert not pending and sorted(f.result() for f in done) == [10, 20, 30]
+        assert sorted(f.result() for f in as_completed(b.load_many([4, 5]), timeout=T)) == [
+            40,
+            50,
+        ]
+        seen: list[Any] = []
+        called = threading.Event()
+        fut = b.load(6)
+        fut.add_done_callback(lambda f: (seen.append(f.result()), called.set()))
+        assert called.wait(T) and seen == [60]
+
+        async def main() -> Any:
+            return await asyncio.wrap_future(b.load(7))
+
+        assert asyncio.run(main()) == 70
 
 
 def test_mapping_result_missing_key_is_none() -> None:
@@ -307,18 +328,178 @@ def test_a_dispatch_is_cut_into_chunks_of_max_batch_size() -> None:
     assert rec.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
-def test_a_blocking_caller_does_not_wait_out_the_window() -> None:
-    # eager (the default): get() sends the queue at once; the window is an hour.
-    with Batcher(Recorder(), window=LONG) as b:
+# -- the dispatch rule: hold a window only while somebody could still add keys ---------------
+
+
+@pytest.mark.parametrize("in_scope", [False, True])
+def test_a_lone_caller_is_dispatched_at_once(in_scope: bool) -> None:
+    # The window is an hour: only the dispatch rule can answer these in time.
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b, scope() if in_scope else contextlib.nullcontext():
         assert b.get(1, timeout=T) == 10
-        assert b.load(2).result(T) == 20
+        assert b.get_many([2, 3], timeout=T) == [20, 30]
+        assert b.load(4).result(T) == 40
+        assert b.load(5).exception(T) is None
+    assert rec.calls == [[1], [2, 3], [4], [5]]
 
 
-def test_without_eager_a_blocking_caller_waits_for_the_window() -> None:
-    with Batcher(Recorder(), window=LONG, eager=False) as b:
-        with pytest.raises(TimeoutError):
-            b.get(1, timeout=0.2)
-        b.flush()
+def _wait_until(cond: Callable[[], bool]) -> None:
+    # Polls state that has no event to wait on (a key queued in another thread).
+    end = time.monotonic() + T
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.001)
+
+
+def test_a_blocked_request_waits_while_another_request_runs() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        got: list[Any] = []
+
+        def request() -> None:
+            with scope():
+                got.append(b.get(1, timeout=T))
+
+        with scope():  # this thread is a request in progress: the other one waits for it
+            thread = threading.Thread(target=request)
+            thread.start()
+            _wait_until(lambda: b.stats().queued == 1)
+            assert rec.calls == []
+            assert b.get(2, timeout=T) == 20  # the last running request blocks: one call
+        thread.join(T)
+    assert got == [10]
+    assert sorted(map(sorted, rec.calls)) == [[1, 2]]
+
+
+def test_the_last_running_request_ending_dispatches_the_held_window() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        got: list[Any] = []
+
+        def request() -> None:
+            with scope():
+                got.append(b.get(1, timeout=T))
+
+        with scope():
+            thread = threading.Thread(target=request)
+            thread.start()
+            _wait_until(lambda: b.stats().queued == 1)
+        thread.join(T)  # the scope above ended: nobody can add keys any more
+        assert got == [10]
+    assert rec.calls == [[1]]
+
+
+def test_outside_scopes_a_thread_that_just_loaded_is_company() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:
+        got: list[Any] = []
+        fut = b.load(5)  # this thread just loaded: the other one waits for its keys
+        thread = threading.Thread(target=lambda: got.append(b.get(1, timeout=T)))
+        thread.start()
+        _wait_until(lambda: b.stats().queued == 2)
+        more = b.load(6)  # still running: the window stays open for this key too
+        assert fut.result(T) == 50  # now both wait: one call
+        assert more.result(T) == 60
+        thread.join(T)
+    assert got == [10]
+    assert rec.calls == [[5, 1, 6]]
+
+
+def test_a_call_in_flight_is_company_its_callers_come_back_with_more_keys() -> None:
+    release = threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        if 1 in keys:
+            release.wait(T)
+        return [k * 10 for k in keys]
+
+    rec = Recorder(fn)
+    with Batcher(rec, window=LONG, max_concurrency=2) as b:
+        got: list[Any] = []
+
+        def tree() -> None:  # two levels: the second key comes once the first is answered
+            got.append(b.get(1, timeout=T))
+            got.append(b.get(3, timeout=T))
+
+        first = threading.Thread(target=tree)
+        first.start()
+        _wait_until(lambda: rec.calls == [[1]])  # a lone caller: sent at once
+        other = threading.Thread(target=lambda: got.append(b.get(2, timeout=T)))
+        other.start()
+        _wait_until(lambda: b.stats().queued == 1)  # held: the call in flight will come back
+        release.set()
+        first.join(T)
+        other.join(T)
+    assert sorted(got) == [10, 20, 30]
+    assert rec.calls[0] == [1] and sorted(map(sorted, rec.calls[1:])) == [[2, 3]]
+
+
+def test_keys_held_for_a_call_in_flight_go_when_it_returns_to_nobody_else() -> None:
+    gate = threading.Event()
+
+    def fn(keys: list[int]) -> list[int]:
+        if 1 in keys:
+            gate.wait(T)
+        return [k * 10 for k in keys]
+
+    rec = Recorder(fn)
+    with Batcher(rec, window=LONG, max_batch_size=2) as b:
+        futures = b.load_many([1, 2, 3])  # [1, 2] is full and goes; 3 waits in a window
+        _wait_until(lambda: rec.calls == [[1, 2]])
+        # Orders the release after the caller blocks (if it fires early, the test is weaker).
+        timer = threading.Timer(0.1, gate.set)
+        timer.start()
+        assert futures[2].result(T) == 30  # its only company was its own caller's call
+        timer.join(T)
+    assert rec.calls == [[1, 2], [3]]
+
+
+def test_eager_never_waits_for_company() -> None:
+    rec = Recorder()
+    with Batcher(rec, window=LONG, eager=True) as b:
+        fut = b.load(5)
+        assert b.get(1, timeout=T) == 10  # sends the queue at once, company or not
+        assert fut.result(T) == 50
+    assert rec.calls == [[5, 1]]
+    rec = Recorder()
+    with Batcher(rec, window=LONG, eager=True) as b, scope():
+        got: list[Any] = []
+
+        def request() -> None:
+            with scope():
+                got.append(b.get(1, timeout=T))
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        thread.join(T)  # this thread is still a running request: eager does not wait for it
+        assert got == [10]
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("how", ["get", "get_many", "result"])
+def test_32_requests_released_together_share_one_call(how: str) -> None:
+    rec = Recorder()
+    barrier = threading.Barrier(32)
+    got: dict[int, Any] = {}
+    with Batcher(rec, window=0.05) as b:  # default options otherwise
+
+        def request(k: int) -> None:
+            with scope():
+                barrier.wait(T)
+                if how == "get":
+                    got[k] = b.get(k, timeout=T)
+                elif how == "get_many":
+                    got[k] = b.get_many([k], timeout=T)[0]
+                else:
+                    got[k] = b.load(k).result(T)
+
+        threads = [threading.Thread(target=request, args=(k,)) for k in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T)
+    assert got == {k: k * 10 for k in range(32)}
+    assert len(rec.calls) == 1 and sorted(rec.calls[0]) == list(range(32))
 
 
 def test_batch_function_runs_on_a_worker_unless_inline() -> None:
@@ -682,6 +863,17 @@ def test_aload_from_asyncio() -> None:
 
     with Batcher(Recorder(), window=LONG) as b:
         assert asyncio.run(main(b)) == [k * 10 for k in range(5)]
+
+
+def test_sibling_aloads_of_one_tick_share_one_call() -> None:
+    async def main(b: Batcher[int, int]) -> list[int | None]:
+        first = list(await asyncio.gather(*(aload(b, k) for k in range(50))))
+        return first + list(await asyncio.gather(*(aload(b, k) for k in range(50, 53))))
+
+    rec = Recorder()
+    with Batcher(rec, window=LONG) as b:  # only the end of the tick can send these
+        assert asyncio.run(main(b)) == [k * 10 for k in range(53)]
+    assert rec.calls == [list(range(50)), [50, 51, 52]]
 
 
 def test_aload_refuses_what_is_not_a_batcher() -> None:

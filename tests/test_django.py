@@ -91,6 +91,16 @@ def site(shop: ShopDatabase) -> Iterator[dict[str, Any]]:
         partition_setting="app.tenant",
     )
     names = model_loader(Customer, name="names")
+    thing_calls: list[list[int]] = []
+
+    def fetch_things(keys: list[int]) -> dict[int, int]:
+        thing_calls.append(list(keys))
+        return {k: k * 10 for k in keys}
+
+    things = batchsync.Batcher(fetch_things, window=0.05)  # default options otherwise
+
+    def thing(request: Any, key: int) -> JsonResponse:
+        return JsonResponse({"thing": things.get(key)})
 
     def note(request: Any, number: int) -> JsonResponse:
         found = notes.get(number)
@@ -108,11 +118,13 @@ def site(shop: ShopDatabase) -> Iterator[dict[str, Any]]:
         *shop_urls,
         path("notes/<int:number>", note),
         path("customers/<int:cid>/name", customer_name),
+        path("things/<int:key>", thing),
     ]
     _site.update(
         dsn=shop.dsn,
         app=WSGIHandler(),
-        loaders=[loaders.customers, loaders.orders_of, loaders.items_of, notes, names],
+        loaders=[loaders.customers, loaders.orders_of, loaders.items_of, notes, names, things],
+        thing_calls=thing_calls,
     )
     yield _site
     # The loaders live as long as the process, as in a real site: close them at the end
@@ -185,6 +197,21 @@ def test_queries_per_page_counted_by_the_server(shop: ShopDatabase, site: dict[s
     finally:
         for loader in site["loaders"]:
             _stop_workers(loader)
+
+
+@pytest.mark.timing
+def test_32_concurrent_requests_share_calls_through_waitress(site: dict[str, Any]) -> None:
+    calls = site["thing_calls"]
+    calls.clear()
+    try:
+        with serve_waitress(site["app"], threads=32) as url:
+            replies = fetch_all([f"{url}/things/{k}" for k in range(32)], threads=32)
+    finally:
+        for loader in site["loaders"]:
+            _stop_workers(loader)
+    assert [json.loads(r.body) for r in replies] == [{"thing": k * 10} for k in range(32)]
+    assert sorted(k for call in calls for k in call) == list(range(32))
+    assert len(calls) <= 32 // 4, calls
 
 
 def test_a_value_cached_in_one_request_is_not_seen_by_the_next(server: str) -> None:

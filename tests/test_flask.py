@@ -119,6 +119,28 @@ def test_loader_forms_and_close() -> None:
         BatchSync().register(42)  # type: ignore[type-var]
 
 
+@pytest.mark.web
+@pytest.mark.timing
+def test_32_concurrent_requests_share_calls_through_werkzeug() -> None:
+    app = flask.Flask(__name__)
+    batch = BatchSync(app)
+    calls: list[list[Any]] = []
+    things = batch.loader(recording(calls), window=0.05)  # default options otherwise
+
+    @app.get("/things/<int:key>")
+    def view(key: int) -> Any:
+        return {"thing": things.get(key)}
+
+    try:
+        with serve_werkzeug(app) as url:
+            replies = fetch_all([f"{url}/things/{k}" for k in range(32)], threads=32)
+    finally:
+        batch.close()
+    assert [json.loads(r.body) for r in replies] == [{"thing": {"key": k}} for k in range(32)]
+    assert sorted(k for call in calls for k in call) == list(range(32))
+    assert len(calls) <= 32 // 4, calls
+
+
 # -- the shop example under a real server ------------------------------------------------------
 
 NOTES_SQL = "SELECT number, tenant, body FROM notes WHERE number = ANY(%(keys)s)"

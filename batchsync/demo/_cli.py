@@ -25,9 +25,9 @@ __all__ = ["main", "run"]
 MODES = ("naive", "batched", "bulk")
 
 # Loader settings of the batched mode. A caller that blocks in get_many sends
-# the queue at once (the Batcher's eager default), so a lone request never
-# waits out the window; under load, keys that arrive while a batch is in
-# flight ride together in the next one.
+# the queue at once when no other request is running (the Batcher's dispatch
+# rule), so a lone request never waits out the window; under load, concurrent
+# requests' keys share a call.
 WINDOW = 0.002
 MAX_CONCURRENCY = 2
 MAX_POOL = 32

@@ -1,8 +1,8 @@
 """The loaders: made once per process, shared by every request thread.
 
 cache="scope" (model_loader's default) memoizes per request under BatchScopeMiddleware.
-A request blocking in get_many sends its keys at once (eager, the default); keys of
-requests arriving meanwhile ride together in the next query.
+A request blocking in get_many sends its keys at once when no other request runs;
+otherwise it waits up to the window for theirs to join the query.
 """
 
 from batchsync.django import model_loader
