@@ -48,7 +48,6 @@ PATHS = {"plain": "graphql/plain", "batchsync": "graphql", "sync-dataloaders": "
 
 def make_app() -> Any:
     """The example's WSGI app, with /graphql/gsd added (run in the server process)."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "graphqlsite.settings")
     from django.conf import settings
     from django.core.wsgi import get_wsgi_application
 
@@ -154,6 +153,7 @@ def app_server(dsn: str, threads: int) -> Iterator[str]:
 
     env = dict(os.environ)
     env["DJANGO_SHOP_DSN"] = dsn
+    env["DJANGO_SETTINGS_MODULE"] = "graphqlsite.settings"
     env["PYTHONPATH"] = os.pathsep.join(
         [str(SITE), str(ROOT / "benchmarks"), str(ROOT), env.get("PYTHONPATH", "")]
     )

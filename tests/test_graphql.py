@@ -44,6 +44,10 @@ type Mutation {
 }
 """
 
+# A level's keys go out when the context waits on them (eager, the default), never by the
+# clock: a window the walk of a level cannot outlast keeps the calls the same on a busy machine.
+WINDOW = 5.0
+
 # graphql-core 3.3 renamed the argument.
 CONTEXT_ARG = "executor_class" if version_info >= (3, 3) else "execution_context_class"
 
@@ -76,7 +80,7 @@ def record() -> Recorder:
 
 @pytest.fixture
 def users(record: Recorder) -> Iterator[Batcher[int, Any]]:
-    with Batcher(record, name="users") as batcher:
+    with Batcher(record, name="users", window=WINDOW) as batcher:
         yield batcher
 
 
@@ -134,7 +138,7 @@ def test_a_future_of_a_list(users: Batcher[int, Any], record: Recorder) -> None:
     def rows(keys: list[int]) -> list[list[dict[str, Any]]]:
         return [[user_row(k + 1), user_row(k + 2)] for k in keys]
 
-    with Batcher(rows, name="friend_rows") as friend_rows:
+    with Batcher(rows, name="friend_rows", window=WINDOW) as friend_rows:
         schema = make_schema(users, User__friends=lambda u, info: friend_rows.load(u["id"]))
         result = run(schema, "{ users(ids: [1, 4]) { friends { id bestFriend { id } } } }")
     assert result.errors is None
@@ -252,7 +256,7 @@ def test_a_done_future_is_completed_at_once(users: Batcher[int, Any], record: Re
 
 
 def test_a_scope_cache_serves_a_later_level(record: Recorder) -> None:
-    with Batcher(record, name="users", cache="scope") as cached, batchsync.scope():
+    with Batcher(record, name="users", cache="scope", window=WINDOW) as cached, batchsync.scope():
         result = run(make_schema(cached), "{ users(ids: [1, 2]) { bestFriend { id } } }")
     assert result.data == {"users": [{"bestFriend": {"id": 2}}, {"bestFriend": {"id": 3}}]}
     assert record.calls == [[1, 2], [3]]  # user 2 came from the scope's memo
@@ -263,7 +267,7 @@ def test_a_scope_cache_serves_a_later_level(record: Recorder) -> None:
 
 def test_one_failing_key_is_one_error_at_its_path() -> None:
     record = Recorder(fail=frozenset({5}))
-    with Batcher(record, name="users") as users:
+    with Batcher(record, name="users", window=WINDOW) as users:
         result = run(make_schema(users), "{ users(ids: [4, 5, 6]) { id name } }")
     assert result.data == {
         "users": [{"id": 4, "name": "user 4"}, None, {"id": 6, "name": "user 6"}]
@@ -276,7 +280,7 @@ def test_a_non_null_field_failing_nulls_its_parent() -> None:
     # strictFriend is User!: user 8's best friend (9) fails, so user 8 itself becomes null;
     # its siblings in the list keep their values.
     record = Recorder(fail=frozenset({9}))
-    with Batcher(record, name="users") as users:
+    with Batcher(record, name="users", window=WINDOW) as users:
         result = run(
             make_schema(users),
             "{ users(ids: [7, 8]) { id strictFriend { id } bestFriend { id } } }",
@@ -289,7 +293,7 @@ def test_a_non_null_field_failing_nulls_its_parent() -> None:
 
 def test_non_null_all_the_way_up_nulls_the_data() -> None:
     record = Recorder(fail=frozenset({3}))
-    with Batcher(record, name="users") as users:
+    with Batcher(record, name="users", window=WINDOW) as users:
         result = run(make_schema(users), "{ strictUser(id: 2) { strictFriend { id } } }")
     assert result.data is None
     assert errors_of(result) == [("no user 3", ["strictUser", "strictFriend"])]
@@ -298,7 +302,9 @@ def test_non_null_all_the_way_up_nulls_the_data() -> None:
 def test_a_future_of_null_for_a_non_null_field_is_the_usual_error(
     users: Batcher[int, Any],
 ) -> None:
-    with Batcher(lambda keys: {}, name="badges") as badges:  # every key resolves to None
+    with Batcher(
+        lambda keys: {}, name="badges", window=WINDOW
+    ) as badges:  # every key resolves to None
         schema = make_schema(users, User__badge=lambda u, info: badges.load(u["id"]))
         result = run(schema, "{ user(id: 1) { id badge } }")
     assert result.data == {"user": None}
@@ -346,7 +352,7 @@ def test_a_whole_failed_batch_fails_each_field() -> None:
     def broken(keys: list[int]) -> list[Any]:
         raise ConnectionError("database gone")
 
-    with Batcher(broken, name="users") as users:
+    with Batcher(broken, name="users", window=WINDOW) as users:
         result = run(make_schema(users), "{ a: user(id: 1) { id } b: user(id: 2) { id } }")
     assert result.data == {"a": None, "b": None}
     assert errors_of(result) == [("database gone", ["a"]), ("database gone", ["b"])]
@@ -356,7 +362,7 @@ def test_a_nulled_parent_loads_nothing_more_below_it() -> None:
     # Level 2 fails user 2's non-null strictFriend (key 3), which nulls users[0]; its
     # friends, pending at the same level, are not completed, so level 3 never loads them.
     record = Recorder(fail=frozenset({3}))
-    with Batcher(record, name="users") as users:
+    with Batcher(record, name="users", window=WINDOW) as users:
         result = run(
             make_schema(users),
             "{ users(ids: [2]) { strictFriend { id } friends { bestFriend { id } } } }",
@@ -372,8 +378,8 @@ def test_an_operation_timeout_is_a_field_error(users: Batcher[int, Any]) -> None
 
     never: Future[Any] = Future()  # a fake: a load that never ends, which batchsync prevents
     schema = make_schema(users, Query__boom=lambda _, info: never)
-    result = run(schema, "{ boom a: user(id: 1) { id } }", context=Impatient)
-    assert result.data == {"boom": None, "a": {"id": 1}}
+    result = run(schema, "{ a: user(id: 1) { id } boom }", context=Impatient)
+    assert result.data == {"a": {"id": 1}, "boom": None}
     assert errors_of(result) == [
         ("batchsync.graphql: no value within the operation's timeout of 0.05 s", ["boom"])
     ]
@@ -393,7 +399,10 @@ def test_mutation_fields_run_one_after_the_other(record: Recorder) -> None:
 
     original = dict(NAMES)
     try:
-        with Batcher(write, name="writes") as writes, Batcher(record, name="users") as users:
+        with (
+            Batcher(write, name="writes", window=WINDOW) as writes,
+            Batcher(record, name="users", window=WINDOW) as users,
+        ):
 
             def rename(_: Any, info: Any, id: int, name: str) -> Future[Any]:
                 events.append(f"rename {id}")
@@ -427,3 +436,95 @@ def test_mutation_fields_run_one_after_the_other(record: Recorder) -> None:
         "friends of 2",
     ]
     assert record.calls == [[2, 3], [3, 4]]
+
+
+# -- graphql-sync-dataloaders' scenarios (its tests/test_dataloader.py), written anew -------
+
+FRIENDS_SDL = """
+type Person { name: String bestFriend: Person }
+type Query { person(id: String): Person people: [Person] }
+"""
+
+
+def people_schema(people: Batcher[str, Any]) -> Any:
+    schema = build_schema(FRIENDS_SDL)
+    schema.query_type.fields["person"].resolve = lambda _, info, id: people.load(id)
+    schema.query_type.fields["people"].resolve = lambda _, info: people.load_many(["1", "2", "3"])
+    best = schema.type_map["Person"].fields["bestFriend"]
+    best.resolve = lambda p, info: people.load(p["best"]) if p["best"] else None
+    return schema
+
+
+class People:
+    """Laura and Dave have Sarah as best friend; Sarah has none (or has left, with fail)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.rows: dict[str, Any] = {
+            "1": {"name": "Laura", "best": "2"},
+            "2": ValueError("Sarah has left") if fail else {"name": "Sarah", "best": None},
+            "3": {"name": "Dave", "best": "2"},
+        }
+
+    def __call__(self, keys: list[str]) -> list[Any]:
+        self.calls.append(list(keys))
+        return [self.rows[k] for k in keys]
+
+
+def test_port_two_root_fields_share_a_call() -> None:
+    people = People()
+    with Batcher(people, window=WINDOW) as loader:
+        result = run(
+            people_schema(loader), '{ a: person(id: "1") { name } b: person(id: "2") { name } }'
+        )
+    assert result.data == {"a": {"name": "Laura"}, "b": {"name": "Sarah"}}
+    assert people.calls == [["1", "2"]]
+
+
+def test_port_nested_best_friends_in_two_calls() -> None:
+    people = People()
+    query = """{ a: person(id: "1") { name bestFriend { name } }
+                 b: person(id: "3") { name bestFriend { name } } }"""
+    with Batcher(people, window=WINDOW) as loader:
+        result = run(people_schema(loader), query)
+    assert result.errors is None
+    assert result.data == {
+        "a": {"name": "Laura", "bestFriend": {"name": "Sarah"}},
+        "b": {"name": "Dave", "bestFriend": {"name": "Sarah"}},
+    }
+    assert people.calls == [["1", "3"], ["2"]]
+
+
+def test_port_a_list_with_a_missing_best_friend_from_the_scope_memo() -> None:
+    people = People()
+    with Batcher(people, cache="scope", window=WINDOW) as loader, batchsync.scope():
+        result = run(people_schema(loader), "{ people { name bestFriend { name } } }")
+    assert result.errors is None
+    assert result.data == {
+        "people": [
+            {"name": "Laura", "bestFriend": {"name": "Sarah"}},
+            {"name": "Sarah", "bestFriend": None},
+            {"name": "Dave", "bestFriend": {"name": "Sarah"}},
+        ]
+    }
+    assert people.calls == [["1", "2", "3"]]  # Sarah, once loaded, comes from the memo
+
+
+def test_port_a_failing_key_everywhere_it_is_used() -> None:
+    people = People(fail=True)
+    with Batcher(people, cache="scope", window=WINDOW) as loader, batchsync.scope():
+        result = run(people_schema(loader), "{ people { name bestFriend { name } } }")
+    assert result.data == {
+        "people": [
+            {"name": "Laura", "bestFriend": None},
+            None,
+            {"name": "Dave", "bestFriend": None},
+        ]
+    }
+    assert errors_of(result) == [
+        ("Sarah has left", ["people", 0, "bestFriend"]),
+        ("Sarah has left", ["people", 1]),
+        ("Sarah has left", ["people", 2, "bestFriend"]),
+    ]
+    # A failure is never cached: the next level asks for Sarah again.
+    assert people.calls == [["1", "2", "3"], ["2"]]

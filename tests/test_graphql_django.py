@@ -46,6 +46,9 @@ def site(shop: ShopDatabase) -> Iterator[str]:
 
     env = dict(os.environ)
     env["DJANGO_SHOP_DSN"] = shop.dsn
+    # This process may have configured Django for another project (tests/test_django.py).
+    env["DJANGO_SETTINGS_MODULE"] = "graphqlsite.settings"
+    env["DJANGO_CONN_MAX_AGE"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(SITE), str(ROOT), env.get("PYTHONPATH", "")])
     command = [
         sys.executable, str(ROOT / "tests" / "webutil.py"), "graphqlsite.wsgi:application",
