@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from types import GeneratorType
 from typing import Any
 
 try:
@@ -42,6 +43,7 @@ try:
     import graphql.execution as _execution
     from graphql import version_info
     from graphql.error import located_error
+    from graphql.pyutils.is_awaitable import is_awaitable as _default_is_awaitable
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "batchsync.graphql needs graphql-core 3.2 or 3.3: pip install 'batchsync[graphql]'"
@@ -62,6 +64,24 @@ if not (3, 2, 14) <= version_info < (3, 4):  # pragma: no cover - depends on the
 # arguments; the overrides below pass arguments through positionally, so that one class
 # serves both. Typed as Any: mypy checks this module against one version only.
 _Base: Any = getattr(_execution, "Executor", None) or _execution.ExecutionContext
+
+
+# Whether values of a type are awaitable, by type: graphql-core asks for every value it
+# completes, and its own answer costs an attribute lookup that fails for most values. A
+# generator is asked each time (a generator-based coroutine is one by its code's flags).
+_AWAITABLE_BY_TYPE: dict[type, bool] = {}
+
+
+def _is_awaitable(value: Any) -> bool:
+    """graphql-core's is_awaitable, with its answer kept per type."""
+    cls = type(value)
+    known = _AWAITABLE_BY_TYPE.get(cls)
+    if known is not None:
+        return known
+    answer = bool(_default_is_awaitable(value))
+    if cls is not GeneratorType and len(_AWAITABLE_BY_TYPE) < 10_000:
+        _AWAITABLE_BY_TYPE[cls] = answer
+    return answer
 
 
 class _Deferred:
@@ -156,6 +176,9 @@ class DeferredExecutionContext(_Base):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        this: Any = self  # the base class is typed Any (see _Base)
+        if this.is_awaitable is _default_is_awaitable:  # not one the caller chose
+            this.is_awaitable = _is_awaitable
         self._waiting: list[_Waiting] = []
         self._nulled: set[Any] = set()  # paths where a field error has put a null
         self._serially = False

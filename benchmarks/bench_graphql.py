@@ -48,6 +48,7 @@ PATHS = {"plain": "graphql/plain", "batchsync": "graphql", "sync-dataloaders": "
 
 def make_app() -> Any:
     """The example's WSGI app, with /graphql/gsd added (run in the server process)."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "graphqlsite.settings")
     from django.conf import settings
     from django.core.wsgi import get_wsgi_application
 

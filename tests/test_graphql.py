@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("graphql")
 
-from graphql import GraphQLError, build_schema, graphql_sync, version_info
+from graphql import GraphQLError, build_schema, execute, graphql_sync, parse, version_info
 
 import batchsync
 from batchsync import Batcher
@@ -260,6 +260,24 @@ def test_a_scope_cache_serves_a_later_level(record: Recorder) -> None:
         result = run(make_schema(cached), "{ users(ids: [1, 2]) { bestFriend { id } } }")
     assert result.data == {"users": [{"bestFriend": {"id": 2}}, {"bestFriend": {"id": 3}}]}
     assert record.calls == [[1, 2], [3]]  # user 2 came from the scope's memo
+
+
+def test_an_is_awaitable_the_caller_chose_is_kept(users: Batcher[int, Any]) -> None:
+    asked: list[Any] = []
+
+    def predicate(value: Any) -> bool:
+        asked.append(value)
+        return False
+
+    document = parse("{ user(id: 1) { name } }")
+    result = execute(
+        make_schema(users),
+        document,
+        is_awaitable=predicate,
+        **{CONTEXT_ARG: DeferredExecutionContext},
+    )
+    assert result.data == {"user": {"name": "user 1"}}
+    assert "user 1" in asked
 
 
 # -- errors ----------------------------------------------------------------------------------
