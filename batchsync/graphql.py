@@ -306,6 +306,10 @@ class DeferredExecutionContext(_Base):  # type: ignore[misc]
         return result.value
 
     def _wait(self, future: Future[Any]) -> tuple[Any, Exception | None]:
+        """Wait for future (within the operation's timeout); return (value, None) or (None, error).
+
+        A BaseException other than an Exception (KeyboardInterrupt) is raised, not returned.
+        """
         timeout = None
         if self.timeout is not None:
             now = time.monotonic()
@@ -313,18 +317,14 @@ class DeferredExecutionContext(_Base):  # type: ignore[misc]
                 self._deadline = now + self.timeout
             timeout = max(0.0, self._deadline - now)
         try:
-            error = future.exception(timeout)
-        except TimeoutError:
-            return None, TimeoutError(
-                f"batchsync.graphql: no value within the operation's timeout of {self.timeout} s"
-            )
-        except Exception as cancelled:  # CancelledError: somebody cancelled the future
-            return None, cancelled
-        if error is not None:
-            if isinstance(error, Exception):
-                return None, error
-            raise error  # a BaseException (KeyboardInterrupt, SystemExit): not a field error
-        return future.result(), None
+            return future.result(timeout), None
+        except Exception as error:  # the future's own, a CancelledError, or our timeout
+            if isinstance(error, TimeoutError) and not future.done():
+                return None, TimeoutError(
+                    "batchsync.graphql: no value within the operation's timeout of "
+                    f"{self.timeout} s"
+                )
+            return None, error
 
     def _complete(self, w: _Waiting, value: Any, error: Exception | None) -> None:
         deferred = w.deferred
