@@ -303,6 +303,8 @@ class _Core(Generic[K, V]):
                         entry.waiters.append(latch)
                         waited.append(entry)
                     seen[mkey] = entry
+                elif entry.state == _DONE:  # one rule for both paths: each cached load is a hit
+                    self._cache_hits += 1
                 else:
                     self._deduplicated += 1
                 slots.append(entry)

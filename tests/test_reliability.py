@@ -188,3 +188,17 @@ def test_an_unhashable_partition_is_named() -> None:  # 12
 def test_a_future_is_a_future() -> None:
     with Batcher(lambda keys: keys) as b:
         assert isinstance(b.load(1), Future)
+
+
+def test_get_many_and_load_many_count_repeated_cache_hits_alike() -> None:  # 25
+    with Batcher(lambda keys: [k * 10 for k in keys], cache=True) as a:
+        a.get(1, timeout=T)
+        a.get_many([1, 1, 1], timeout=T)
+        s = a.stats()
+        assert (s.cache_hits, s.deduplicated) == (3, 0)
+    with Batcher(lambda keys: [k * 10 for k in keys], cache=True) as b:
+        b.get(1, timeout=T)
+        for f in b.load_many([1, 1, 1]):
+            assert f.result(timeout=T) == 10
+        s = b.stats()
+        assert (s.cache_hits, s.deduplicated) == (3, 0)
