@@ -30,6 +30,12 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"batchsync: {name} must be True or False, not {value!r}")
+    return value
+
+
 class Batcher(Generic[K, V]):
     """Gather single-key loads from many threads into bulk calls of ``batch_fn``.
 
@@ -111,8 +117,8 @@ class Batcher(Generic[K, V]):
             key_fn=key_fn,
             partition=partition,
             missing=missing,
-            eager=bool(eager),
-            inline=bool(inline),
+            eager=_check_bool("eager", eager),
+            inline=_check_bool("inline", inline),
             name=name,
         )
         _lifecycle.register(self._core)

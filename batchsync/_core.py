@@ -103,6 +103,27 @@ class _LoadFuture(Future[V]):
         return super().exception(timeout)
 
 
+def _last_resort(what: str) -> None:
+    """Report an error of the delivery machinery itself; never raises (not even if stderr is gone).
+
+    It bypasses logging on purpose: a logging filter or handler that raises is one of the
+    faults this must survive (trio's thread cache and CPython's executor do the same).
+    """
+    try:
+        import sys
+        import traceback
+
+        sys.stderr.write(f"batchsync: {what}\n{traceback.format_exc()}")
+    except BaseException:
+        pass
+
+
+def _is_error(value: Any) -> bool:
+    # type(), not isinstance(): a lazy proxy's __class__ property must not run user code
+    # under the core lock (Django's SimpleLazyObject, werkzeug's LocalProxy).
+    return issubclass(type(value), BaseException)
+
+
 def _resolved(value: Any, failed: bool) -> _LoadFuture[Any]:
     fut: _LoadFuture[Any] = _LoadFuture()
     if failed:
@@ -141,7 +162,7 @@ def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -
         except InvalidStateError:
             pass  # cancelled by its caller while still queued: nobody wants the value
         except BaseException:  # a done-callback raised past Future's own `except Exception`
-            logger.exception("batchsync: a future's done-callback raised")
+            _last_resort("a future's done-callback raised")
 
 
 class _Core(Generic[K, V]):
@@ -202,6 +223,14 @@ class _Core(Generic[K, V]):
     def identities(self, keys: Sequence[Any]) -> list[tuple[Hashable, Hashable, Hashable]]:
         """Return (ident, mkey, partition) per key; the partition function runs once."""
         part = None if self.partition_fn is None else self.partition_fn()
+        if part is not None:
+            try:
+                hash(part)
+            except TypeError:
+                raise TypeError(
+                    f"batchsync: the partition function returned an unhashable value {part!r} "
+                    f"({type(part).__name__}); it must return a hashable partition"
+                ) from None
         return [self._identity(key, part) for key in keys]
 
     def _identity(self, key: Any, part: Hashable) -> tuple[Hashable, Hashable, Hashable]:
@@ -274,6 +303,8 @@ class _Core(Generic[K, V]):
                         entry.waiters.append(latch)
                         waited.append(entry)
                     seen[mkey] = entry
+                elif entry.state == _DONE:  # one rule for both paths: each cached load is a hit
+                    self._cache_hits += 1
                 else:
                     self._deduplicated += 1
                 slots.append(entry)
@@ -366,7 +397,7 @@ class _Core(Generic[K, V]):
             if value is not _MISSING:
                 self._cache_hits += 1
                 hit = _Entry(None, None, mkey, None)
-                hit.value, hit.state = value, _DONE
+                hit.value, hit.state, hit.failed = value, _DONE, _is_error(value)
                 return hit
         if memo is not None:
             entry: _Entry | None = memo.get(mkey)
@@ -586,14 +617,14 @@ class _Core(Generic[K, V]):
     def _worker(self) -> None:
         _tls.worker = True
         while True:
-            with self._lock:  # critical section: wait for a due chunk and take it
-                chunk = self._wait_chunk_locked()
-            if chunk is None:
-                return
             try:
+                with self._lock:  # critical section: wait for a due chunk and take it
+                    chunk = self._wait_chunk_locked()
+                if chunk is None:
+                    return
                 self._run(chunk)
-            except BaseException:  # _run catches the batch function's errors; this is a bug
-                logger.exception("batchsync %s: internal error in a worker", self.name)
+            except BaseException:  # _run delivers every error; this is a bug: keep serving
+                _last_resort(f"internal error in a worker of {self.name!r}")
 
     def _wait_chunk_locked(self) -> list[_Entry] | None:
         # The worker's part of the window: a key that arrives at an empty queue opens a
@@ -646,11 +677,16 @@ class _Core(Generic[K, V]):
             if len(waiters) != 1 or type(waiters[0]) is not _Latch:  # any futures?
                 for w in waiters:
                     # Once running, a future can no longer be cancelled by its caller.
-                    if type(w) is not _Latch and not w.set_running_or_notify_cancel():
+                    if type(w) is _Latch:
+                        continue
+                    try:
+                        if not w.set_running_or_notify_cancel():
+                            cancelled = True
+                    except RuntimeError:  # completed by its own caller: skip it, serve the rest
                         cancelled = True
             if cancelled:
                 entry.waiters = waiters = [
-                    w for w in waiters if type(w) is _Latch or not w.cancelled()
+                    w for w in waiters if type(w) is _Latch or not w.done()
                 ]
             if waiters:
                 entry.state = _RUNNING
@@ -665,6 +701,8 @@ class _Core(Generic[K, V]):
             self._batches += 1
             self._keys += n
             self._running += n
+            for entry in live:
+                entry.slot = True
             if n > 1:
                 self._coalesced += n
             if n > self._largest:
@@ -674,38 +712,68 @@ class _Core(Generic[K, V]):
         return live
 
     def _run(self, chunk: list[_Entry], wake: bool = True) -> None:
-        """Call the batch function for one chunk and deliver its outcome; never raises."""
-        keys = [e.key for e in chunk]
-        running = _tls.running
-        if running is None:
-            running = _tls.running = []
-        running.append(chunk)
-        # A fresh, empty context: the call serves many callers, so it must see none of
-        # their context variables (request scope, app context), wherever it runs.
-        context = contextvars.Context()
-        if self.partition_fn is not None:
-            context.run(_partition.set, chunk[0].partition)
+        """Call the batch function for one chunk and deliver its outcome; never raises.
+
+        By construction: from here to delivery everything is inside try/finally, so whatever
+        raises (the batch function, the result contract, a hostile container, logging, an
+        internal bug) ends with the chunk's waiters failed with that error and the slot freed.
+        """
         error: BaseException | None = None
         values: Sequence[Any] = ()
-        started = time.perf_counter()
         try:
-            values = self._match(chunk, context.run(self.batch_fn, keys))
-        except BaseException as exc:  # delivered to the chunk's callers, never fatal here
-            error = exc
+            running = _tls.running
+            if running is None:
+                running = _tls.running = []
+            running.append(chunk)
+            started = time.perf_counter()
+            try:
+                keys = [e.key for e in chunk]
+                # A fresh, empty context: the call serves many callers, so it must see none
+                # of their context variables (request scope, app context), wherever it runs.
+                context = contextvars.Context()
+                if self.partition_fn is not None:
+                    context.run(_partition.set, chunk[0].partition)
+                values = self._match(chunk, context.run(self.batch_fn, keys))
+            except BaseException as exc:  # delivered to the chunk's callers, never fatal here
+                error = exc
+            finally:
+                running.pop()
+            self._log(chunk, error, time.perf_counter() - started)
+        except BaseException as exc:
+            if error is None:
+                error, values = exc, ()
         finally:
-            running.pop()
-        elapsed = time.perf_counter() - started
-        if error is not None:
-            logger.error(
-                "batchsync %s: batch of %d keys failed after %.6f s",
-                self.name,
-                len(chunk),
-                elapsed,
-                exc_info=error,
-            )
-        elif logger.isEnabledFor(logging.DEBUG):
-            logger.debug("batchsync %s: batch of %d keys in %.6f s", self.name, len(chunk), elapsed)
-        self._finish(chunk, values, error, wake)
+            self._finish_safely(chunk, values, error, wake)
+
+    def _log(self, chunk: list[_Entry], error: BaseException | None, elapsed: float) -> None:
+        """Log one call; a logging filter or handler that raises is reported, never propagated."""
+        try:
+            if error is not None:
+                logger.error(
+                    "batchsync %s: batch of %d keys failed after %.6f s",
+                    self.name,
+                    len(chunk),
+                    elapsed,
+                    exc_info=error,
+                )
+            elif logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "batchsync %s: batch of %d keys in %.6f s", self.name, len(chunk), elapsed
+                )
+        except BaseException:
+            _last_resort(f"logging a batch of {self.name!r} raised")
+
+    def _finish_safely(
+        self, chunk: list[_Entry], values: Sequence[Any], error: BaseException | None, wake: bool
+    ) -> None:
+        """_finish, and if that raises, fail what it left and free the slot; never raises."""
+        try:
+            self._finish(chunk, values, error, wake)
+        except BaseException as exc:
+            try:
+                self._finish(chunk, (), exc, wake)
+            except BaseException:
+                _last_resort(f"delivering a batch of {self.name!r} failed")
 
     def _match(self, chunk: list[_Entry], result: object) -> Sequence[Any]:
         """Return one value (or exception instance) per entry; BatchError on a broken contract."""
@@ -726,9 +794,9 @@ class _Core(Generic[K, V]):
                     f"batchsync: batch function of {self.name!r} returned {len(result)} items "
                     f"for {len(chunk)} keys; a Sequence result needs one item per key, in order"
                 )
-            if not isinstance(result, (list, tuple)):
-                # Any other Sequence is read here, inside the caller's try: an item that
-                # raises fails the call instead of the delivery.
+            if type(result) is not list and type(result) is not tuple:
+                # Any other Sequence (a list subclass too) is read here, inside the caller's
+                # try: an item that raises fails the call instead of the delivery.
                 result = [result[i] for i in range(len(chunk))]
             return result
         raise BatchError(
@@ -748,8 +816,11 @@ class _Core(Generic[K, V]):
         with self._lock:  # critical section: publish outcomes, forget entries, collect waiters
             if error is not None:
                 self._failed_batches += 1
-            self._running -= len(chunk)
-            self._active -= 1
+            if chunk and chunk[0].slot:  # _finish_safely may call twice: free the slot once
+                for entry in chunk:
+                    entry.slot = False
+                self._running -= len(chunk)
+                self._active -= 1
             if self._closing and not self._active:
                 self._cond.notify_all()  # the last call in flight: the workers may end
             elif wake and self._queue.due:
@@ -759,11 +830,13 @@ class _Core(Generic[K, V]):
                     continue  # abandoned by close(timeout=...): its callers have their answer
                 value = error if error is not None else values[i]
                 entry.value = value
-                entry.failed = failed = error is not None or isinstance(value, BaseException)
+                entry.failed = failed = error is not None or _is_error(value)
                 entry.state = _DONE
-                del self._entries[entry.mkey]
-                if self.cache_all and not failed:
-                    self._cache[entry.mkey] = value
+                if self._entries.get(entry.mkey) is entry:
+                    del self._entries[entry.mkey]
+                if self.cache_all and not failed and not entry.uncached:
+                    # setdefault: a prime() during the flight wins over the older value
+                    self._cache.setdefault(entry.mkey, value)
                 waiters = entry.waiters
                 if len(waiters) == 1 and type(waiters[0]) is _Latch:  # one get_many caller
                     latch = waiters[0]
@@ -845,18 +918,25 @@ class _Core(Generic[K, V]):
 
     def prime(self, mkey: Hashable, value: Any) -> None:
         memo = self._scope_memo()
+        failed = _is_error(value)
         with self._lock:  # critical section: the cache
             if self.cache_all:
-                self._cache[mkey] = value
+                # Like the DataLoader peers: an existing key is left alone (clear() first).
+                self._cache.setdefault(mkey, value)
             elif memo is not None:
-                entry = _Entry(None, None, mkey, None)
-                entry.value, entry.state = value, _DONE
-                memo[mkey] = entry
+                old = memo.get(mkey)
+                if old is None or (old.state == _DONE and old.failed):
+                    entry = _Entry(None, None, mkey, None)
+                    entry.value, entry.state, entry.failed = value, _DONE, failed
+                    memo[mkey] = entry
 
     def clear(self, mkey: Hashable) -> None:
         memo = self._scope_memo()
         with self._lock:  # critical section: the cache
             self._cache.pop(mkey, None)
+            entry = self._entries.get(mkey)
+            if entry is not None:  # in flight: its value is older than the clear
+                entry.uncached = True
             if memo is not None:
                 memo.pop(mkey, None)
 
@@ -864,6 +944,8 @@ class _Core(Generic[K, V]):
         memo = self._scope_memo()
         with self._lock:  # critical section: the cache
             self._cache.clear()
+            for entry in self._entries.values():  # in flight: values older than the clear
+                entry.uncached = True
             if memo is not None:
                 memo.clear()
 

@@ -23,7 +23,18 @@ QUEUED, RUNNING, DONE = 0, 1, 2
 class Entry:
     """One unique key, queued or running, with everyone who waits for it."""
 
-    __slots__ = ("failed", "ident", "key", "mkey", "partition", "state", "value", "waiters")
+    __slots__ = (
+        "failed",
+        "ident",
+        "key",
+        "mkey",
+        "partition",
+        "slot",
+        "state",
+        "uncached",
+        "value",
+        "waiters",
+    )
 
     def __init__(
         self, key: Any, ident: Hashable, mkey: Hashable, partition: Hashable, waiter: Any = None
@@ -35,6 +46,8 @@ class Entry:
         self.state = QUEUED
         self.value: Any = None
         self.failed = False
+        self.slot = False  # counted in the core's slots and in-flight keys (until _finish)
+        self.uncached = False  # a clear() came during its flight: do not cache its value
         self.waiters: list[Any] = [] if waiter is None else [waiter]
 
 
@@ -120,7 +133,8 @@ class Queue:
         part = queue[0].partition
         chunk, rest = [], []
         for entry in queue[: self.due]:
-            if entry.partition == part and len(chunk) < size:
+            # `is` first: a partition equal to nothing, not even itself (NaN), still matches.
+            if (entry.partition is part or entry.partition == part) and len(chunk) < size:
                 chunk.append(entry)
             else:
                 rest.append(entry)
