@@ -451,7 +451,9 @@ class _Query:
                             prepare=False,
                         )
                     for group in self._by_type(send):
-                        cur.execute(self._sql, self._params(group), prepare=self._prepare)
+                        # Until the true columns are known, run unprepared (see _check_shape).
+                        prepare = self._prepare if self._shape is not None else False
+                        cur.execute(self._sql, self._params(group), prepare=prepare)
                         if self._prepare is not False:
                             self._check_shape(cur)
                         get_key = self._key_getter(cur)
@@ -480,7 +482,9 @@ class _Query:
         # A prepared statement is known by its name on one server session; behind a
         # transaction pooler (PgBouncer before 1.21) the name may reach another session,
         # where it is another statement: its rows would be taken for ours. Such rows
-        # almost always have other columns, so a change of columns fails the batch.
+        # almost always have other columns, so a change of columns fails the batch. The
+        # first execution runs unprepared (an unnamed statement cannot be confused), so
+        # the columns it records are the statement's own.
         shape = tuple((c.name, c.type_code) for c in cur.description or ())
         if self._shape is None:
             self._shape = shape
