@@ -6,7 +6,7 @@ them all with one bulk call of your batch function.
 
 from ._batcher import Batcher, aload, batched
 from ._scope import current_partition, in_scope, scope
-from ._stats import Stats
+from ._stats import Stats, stats_by_name
 from .errors import BatchCycleError, BatcherClosed, BatchError, BatchsyncError, ForkedPoolError
 
 __version__ = "0.1.0"
@@ -25,4 +25,5 @@ __all__ = [
     "current_partition",
     "in_scope",
     "scope",
+    "stats_by_name",
 ]
