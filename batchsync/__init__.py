@@ -6,8 +6,8 @@ them all with one bulk call of your batch function.
 
 from ._batcher import Batcher, aload, batched
 from ._scope import current_partition, in_scope, scope
-from ._stats import Stats
-from .errors import BatchCycleError, BatcherClosed, BatchError, BatchsyncError
+from ._stats import Stats, stats_by_name
+from .errors import BatchCycleError, BatcherClosed, BatchError, BatchsyncError, ForkedPoolError
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "Batcher",
     "BatcherClosed",
     "BatchsyncError",
+    "ForkedPoolError",
     "Stats",
     "__version__",
     "aload",
@@ -24,4 +25,5 @@ __all__ = [
     "current_partition",
     "in_scope",
     "scope",
+    "stats_by_name",
 ]

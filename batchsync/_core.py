@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
+from . import _hooks
 from ._queue import DONE as _DONE
 from ._queue import QUEUED as _QUEUED
 from ._queue import RUNNING as _RUNNING
@@ -58,11 +59,12 @@ _tls = _Tls()
 class _Latch:
     """Counts down the entries one get_many call waits on; opens at zero."""
 
-    __slots__ = ("_lock", "remaining", "tid")
+    __slots__ = ("_lock", "remaining", "tid", "token")
 
     def __init__(self) -> None:
         self.remaining = 0
         self.tid = 0  # the thread counted as blocked on this core for it, until answered
+        self.token: object = None  # the observer hook's token of this caller (_hooks)
         self._lock = threading.Lock()
         self._lock.acquire()
 
@@ -87,6 +89,7 @@ class _LoadFuture(Future[V]):
 
     _core: _Core[Any, V] | None = None
     _entry: _Entry | None = None
+    _token: object = None  # the observer hook's token of this caller (_hooks)
 
     def result(self, timeout: float | None = None) -> V:
         core, entry = self._core, self._entry
@@ -147,6 +150,21 @@ def _collect(
                 latches.append(w)
         else:
             futures.append((w, entry))
+
+
+def _tokens(chunk: list[_Entry]) -> list[object]:
+    """The observer hook's tokens of a running chunk's callers, once each (for _hooks).
+
+    Read outside the lock: a running entry's waiters only ever grow by appends (callers
+    joining late), so the walk sees a consistent prefix of them.
+    """
+    seen: dict[int, object] = {}
+    for entry in chunk:
+        for w in entry.waiters:
+            token = w.token if type(w) is _Latch else w._token
+            if token is not None:
+                seen[id(token)] = token
+    return list(seen.values())
 
 
 def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -> None:
@@ -257,6 +275,9 @@ class _Core(Generic[K, V]):
         idents = self.identities(keys)
         futures: list[Future[V]] = []
         memo = self._scope_memo()
+        # [hook call site 1 of 4] the caller's context, captured in the caller's thread.
+        hook = _hooks.installed
+        token = None if hook is None else hook.on_load(self.name, len(keys))
         with self._lock:  # critical section: look up, de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(idents)
@@ -274,6 +295,8 @@ class _Core(Generic[K, V]):
                 entry.waiters.append(fut)
                 fut._core = self
                 fut._entry = entry
+                if token is not None:
+                    fut._token = token
                 futures.append(fut)
             if not self._workers and self._queue:
                 self._start_workers_locked()
@@ -286,6 +309,10 @@ class _Core(Generic[K, V]):
         idents = self.identities(keys)
         memo = self._scope_memo()
         latch = _Latch()
+        # [hook call site 2 of 4] the caller's context, captured in the caller's thread.
+        hook = _hooks.installed
+        if hook is not None:
+            latch.token = hook.on_load(self.name, len(keys))
         slots: list[_Entry] = []
         waited: list[_Entry] = []
         with self._lock:  # critical section: look up, de-duplicate, queue
@@ -329,6 +356,10 @@ class _Core(Generic[K, V]):
                 self._identity(key, None)  # raises the TypeError that names the key
             raise
         latch = _Latch()
+        # [hook call site 3 of 4] the caller's context, captured in the caller's thread.
+        hook = _hooks.installed
+        if hook is not None:
+            latch.token = hook.on_load(self.name, len(keys))
         with self._lock:  # critical section: de-duplicate, queue
             self._refuse_if_closed_locked()
             self._loads += len(keys)
@@ -733,7 +764,17 @@ class _Core(Generic[K, V]):
                 context = contextvars.Context()
                 if self.partition_fn is not None:
                     context.run(_partition.set, chunk[0].partition)
-                values = self._match(chunk, context.run(self.batch_fn, keys))
+                # [hook call site 4 of 4] the batch call, wrapped with its callers' tokens.
+                hook = _hooks.installed
+                if hook is None:
+                    result = context.run(self.batch_fn, keys)
+                else:
+                    tokens = _tokens(chunk)
+                    part = chunk[0].partition
+                    result = context.run(
+                        hook.run_batch, self.name, keys, part, tokens, self.batch_fn
+                    )
+                values = self._match(chunk, result)
             except BaseException as exc:  # delivered to the chunk's callers, never fatal here
                 error = exc
             finally:

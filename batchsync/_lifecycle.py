@@ -18,7 +18,7 @@ import time
 import weakref
 from typing import Any
 
-__all__ = ["EXIT_TIMEOUT", "register"]
+__all__ = ["EXIT_TIMEOUT", "live_cores", "register"]
 
 #: Seconds the exit hook waits, in all, for queued keys and batches in flight.
 EXIT_TIMEOUT = 30.0
@@ -29,6 +29,11 @@ _cores: weakref.WeakSet[Any] = weakref.WeakSet()
 def register(core: Any) -> None:
     """Track a core for the exit and fork hooks (weakly: a collected core drops out)."""
     _cores.add(core)
+
+
+def live_cores() -> list[Any]:
+    """The cores of the Batchers alive now (for stats_by_name)."""
+    return list(_cores)
 
 
 def _at_exit() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-__all__ = ["Stats"]
+__all__ = ["Stats", "stats_by_name"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,24 @@ class Stats:
     def coalescing_rate(self) -> float:
         """The share of sent keys that rode in a call with at least one other key."""
         return self.coalesced_keys / self.keys if self.keys else 0.0
+
+
+def stats_by_name() -> dict[str, Stats]:
+    """Return a snapshot of the Stats of every live Batcher, by Batcher name.
+
+    For an app that exports its own metrics: one entry per name, the counters of
+    Batchers that share a name summed (``largest_batch`` is the largest of theirs).
+    Closed Batchers that are still referenced are included; collected ones are not.
+    """
+    from ._lifecycle import live_cores
+
+    out: dict[str, Stats] = {}
+    for core in live_cores():
+        snap = core.stats()
+        seen = out.get(core.name)
+        if seen is not None:
+            summed = {f.name: getattr(seen, f.name) + getattr(snap, f.name) for f in fields(Stats)}
+            summed["largest_batch"] = max(seen.largest_batch, snap.largest_batch)
+            snap = Stats(**summed)
+        out[core.name] = snap
+    return out

@@ -6,13 +6,14 @@
      +-- BatcherClosed      a load after close(), or a key abandoned by close(timeout=...)
      +-- BatchError         the batch function broke its contract (wrong type, wrong length)
           +-- BatchCycleError  a batch function waited on a key its own call is computing
+     +-- ForkedPoolError    a pg loader's pool was opened in another process, before a fork
 
 Exceptions raised by the user's batch function are delivered unchanged, never wrapped.
 """
 
 from __future__ import annotations
 
-__all__ = ["BatchCycleError", "BatchError", "BatcherClosed", "BatchsyncError"]
+__all__ = ["BatchCycleError", "BatchError", "BatcherClosed", "BatchsyncError", "ForkedPoolError"]
 
 
 class BatchsyncError(Exception):
@@ -29,3 +30,7 @@ class BatchError(BatchsyncError):
 
 class BatchCycleError(BatchError):
     """A batch function waited on a key that its own, still running, call is computing."""
+
+
+class ForkedPoolError(BatchsyncError):
+    """A pg loader's pool was opened in another process, before a fork: it is not used."""

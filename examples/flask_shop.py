@@ -7,7 +7,19 @@ shop tables there first, which needs ``pip install 'batchsync[demo]'``)::
     curl localhost:8000/page/0/naive
     curl localhost:8000/page/0/batched
 
-or with Flask's own server: ``BATCHSYNC_PG_DSN=... flask --app examples/flask_shop run``.
+or with Flask's own server: ``BATCHSYNC_PG_DSN=... flask --app examples/flask_shop run``,
+or under gunicorn, forked workers and all (see the README, "Deploying with gunicorn")::
+
+    BATCHSYNC_PG_DSN=postgresql://app@127.0.0.1:6432/shop SHOP_PREPARE_THRESHOLD=none \
+        gunicorn --preload -w 4 --threads 8 --chdir examples 'flask_shop:create_app()'
+
+The pool is opened in the process that serves, at its first request, never at import: with
+``--preload`` the app is built in gunicorn's master and each worker is a fork of it, and a
+pool opened before the fork would give every worker the same connections. Pool settings
+come from the environment (or --pool-size and --prepare-threshold): ``SHOP_POOL_SIZE``
+(default 8) and ``SHOP_PREPARE_THRESHOLD`` (psycopg's default 5; ``none`` behind a
+transaction-pooling PgBouncer, where the naive view's prepared statements would reach other
+server sessions; the loaders never prepare unless asked).
 
 A page shows 50 customers, their orders and the orders' items. The batched view asks a
 loader for a whole level at a time; the loaders are shared by every request thread, so
@@ -61,21 +73,43 @@ def to_json(page: list[dict[str, Any]]) -> Response:
     return Response(json.dumps(page, default=str), mimetype="application/json")
 
 
-def create_app(dsn: str | None = None, *, pool_size: int = 8) -> Flask:
-    """Build the app on the database of `dsn` (default: $BATCHSYNC_PG_DSN)."""
+def pool_settings() -> tuple[int, int | None]:
+    """(pool size, prepare_threshold) from $SHOP_POOL_SIZE and $SHOP_PREPARE_THRESHOLD."""
+    size = int(os.environ.get("SHOP_POOL_SIZE") or 8)
+    threshold = os.environ.get("SHOP_PREPARE_THRESHOLD") or "5"
+    return size, None if threshold.lower() == "none" else int(threshold)
+
+
+def create_app(dsn: str | None = None, *, pool_size: int | None = None) -> Flask:
+    """Build the app on the database of `dsn` (default: $BATCHSYNC_PG_DSN).
+
+    The pool's settings come from pool_settings() (`pool_size` wins). It opens in the
+    process that serves the first request (fork-safe: see the module docstring).
+    """
     dsn = dsn or os.environ.get("BATCHSYNC_PG_DSN")
     if not dsn:
         raise RuntimeError("give a DSN: --dsn or $BATCHSYNC_PG_DSN")
+    env_size, env_threshold = pool_settings()
+    size = pool_size or env_size
     app = Flask(__name__)
     pool: ConnectionPool[Any] = ConnectionPool(
         dsn,
-        min_size=pool_size,
-        max_size=pool_size,
-        kwargs={"autocommit": True, "application_name": "flask_shop"},
-        open=True,
+        min_size=size,
+        max_size=size,
+        kwargs={
+            "autocommit": True,
+            "application_name": "flask_shop",
+            "prepare_threshold": env_threshold,
+        },
+        open=False,
         name="flask_shop",
     )
     app.extensions["shop_pool"] = pool
+
+    @app.before_request
+    def open_pool_in_this_process() -> None:
+        if pool.closed:  # the first request of this process: open() is idempotent
+            pool.open(wait=True, timeout=30.0)
 
     batch = BatchSync(app)
     # cache="scope": a key loaded twice in one request is fetched once; nothing is kept
@@ -140,7 +174,17 @@ def main() -> None:
     parser.add_argument("--dsn", help="PostgreSQL DSN (default: $BATCHSYNC_PG_DSN)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--create", action="store_true", help="create the demo's shop tables")
+    parser.add_argument("--pool-size", type=int, help="connections (default $SHOP_POOL_SIZE or 8)")
+    parser.add_argument(
+        "--prepare-threshold",
+        help="psycopg's prepare_threshold for the naive view: a number, or none behind"
+        " PgBouncer (default $SHOP_PREPARE_THRESHOLD or 5)",
+    )
     args = parser.parse_args()
+    if args.pool_size is not None:
+        os.environ["SHOP_POOL_SIZE"] = str(args.pool_size)
+    if args.prepare_threshold is not None:
+        os.environ["SHOP_PREPARE_THRESHOLD"] = args.prepare_threshold
     if args.create:
         from batchsync.demo._shop import create_shop
 

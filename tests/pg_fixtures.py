@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -78,3 +79,52 @@ def pg_proxy(pg_dsn: str) -> Iterator[Any]:
 
     with Proxy(proxy_target(pg_dsn)) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def pg_stats_admin_dsn() -> Iterator[str]:
+    """A private cluster of the machine's PostgreSQL with pg_stat_statements loaded.
+
+    The embedded server cannot preload extensions, so this is Debian's ``postgresql-NN``
+    run as a private cluster (see ``batchsync.demo._server.local_cluster``).
+    """
+    from batchsync.demo import _server
+
+    try:
+        with _server.local_cluster(preload=["pg_stat_statements"]) as dsn:
+            yield dsn
+    except _server.NoServer as exc:
+        _no_server(f"no private cluster with pg_stat_statements: {exc}")
+
+
+@dataclass
+class Pooler:
+    """A PgBouncer in transaction mode in front of a server."""
+
+    direct: str  # the server's administrator, straight to the server
+    pooled: str  # the same, through PgBouncer
+
+    def through(self, dsn: str) -> str:
+        """Return `dsn` (a database on the server) pointed at PgBouncer."""
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        pooled = conninfo_to_dict(self.pooled)
+        return make_conninfo(dsn, host=pooled["host"], port=pooled["port"], hostaddr=None)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_stats_admin_dsn: str) -> Iterator[Pooler]:
+    """PgBouncer (Debian's ``pgbouncer``) in transaction mode, 4 server connections per
+    database and user, in front of the pg_stat_statements cluster. Skipped when PgBouncer
+    is not installed, except under ``CI=true``, where that fails.
+    """
+    from batchsync.demo._pgbouncer import NoPgBouncer, pgbouncer
+
+    try:
+        with pgbouncer(pg_stats_admin_dsn, pool_size=4) as pooled:
+            yield Pooler(pg_stats_admin_dsn, pooled)
+    except NoPgBouncer as exc:
+        reason = f"no PgBouncer: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ pytest.importorskip("psycopg_pool")
 
 from psycopg_pool import ConnectionPool  # noqa: E402
 
-from batchsync.demo import _cli, _server, _shop  # noqa: E402
+from batchsync.demo import _cli, _measure, _server, _shop  # noqa: E402
 from batchsync.demo._measure import QueryCounter  # noqa: E402
 
 pytestmark = pytest.mark.pg
@@ -126,3 +127,91 @@ def test_bad_arguments_and_an_unreachable_server_get_a_clear_error(capsys: Any) 
     assert _cli.main(["--dsn", "postgresql://nobody@127.0.0.1:1/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("batchsync demo: cannot use the database: connection failed")
+
+
+# -- counted by pg_stat_statements, directly and through PgBouncer ------------------------------
+
+
+@pytest.fixture(scope="module")
+def stats_shop(pgbouncer: Any) -> Iterator[tuple[str, str]]:
+    """A shop on the pg_stat_statements cluster: (direct DSN, DSN through PgBouncer)."""
+    with _server.scratch_database(pgbouncer.direct, "batchsync_shop") as dsn:
+        _shop.create_shop(dsn)
+        yield dsn, pgbouncer.through(dsn)
+
+
+def check_counts(counter: QueryCounter, dsn: str, ids: list[int], naive: int) -> None:
+    kwargs = {"autocommit": True, "prepare_threshold": None}
+    with ConnectionPool(dsn, min_size=4, max_size=4, kwargs=kwargs, open=True) as pool:
+        shop = _shop.BatchedShop(pool)
+        try:
+            assert counter.count(pool, lambda: shop.page(ids), tries=1) == 3
+            assert counter.count(pool, lambda: _shop.bulk_page(pool, ids), tries=1) == 3
+            assert counter.count(pool, lambda: _shop.naive_page(pool, ids), tries=1) == naive
+            # 4 threads at once, 5 naive pages each: every statement counted once.
+            start = threading.Barrier(4)
+
+            def pages() -> None:
+                start.wait()
+                for _ in range(5):
+                    _shop.naive_page(pool, ids)
+
+            with counter.counting(pool) as counted:
+                threads = [threading.Thread(target=pages) for _ in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            assert counted == [20 * naive]
+        finally:
+            shop.close()
+
+
+def test_pg_stat_statements_counts_right_directly_and_through_pgbouncer(
+    stats_shop: tuple[str, str],
+) -> None:
+    direct, pooled = stats_shop
+    ids = _shop.page_ids(3)
+    with psycopg.connect(direct) as conn:
+        orders = conn.execute(
+            "SELECT count(*) FROM orders WHERE customer_id = ANY(%s)", [ids]
+        ).fetchone()[0]
+    counter = QueryCounter(direct, pooled=True)
+    try:
+        assert counter.source == "pg_stat_statements"
+        check_counts(counter, direct, ids, 1 + 50 + orders)
+        check_counts(counter, pooled, ids, 1 + 50 + orders)
+    finally:
+        counter.close()
+
+
+def test_counting_through_a_pooler_without_pg_stat_statements_is_refused(pg_dsn: str) -> None:
+    # The embedded server has no pg_stat_statements: the xact_commit count would be wrong.
+    with pytest.raises(_measure.CannotCount, match="through a pooler needs pg_stat_statements"):
+        QueryCounter(pg_dsn, pooled=True)
+
+
+def test_an_intermediary_is_told_from_a_direct_connection(
+    pgbouncer: Any, pg_admin_dsn: str
+) -> None:
+    assert _server.intermediary(pgbouncer.direct) is None
+    assert _server.intermediary(pg_admin_dsn) is None  # the embedded server's unix socket
+    found = _server.intermediary(pgbouncer.pooled)
+    assert found is not None and found.startswith("a pooler or proxy (the DSN names port")
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_through_pgbouncer(pgbouncer: Any, capsys: Any) -> None:
+    args = ["--dsn", pgbouncer.direct, "--pgbouncer", "--threads", "4", "--seconds", "0.3"]
+    assert _cli.main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    s = report["settings"]
+    assert s["pooler"] == "PgBouncer in transaction mode, started by the demo"
+    assert s["query_count_source"] == "pg_stat_statements.calls"
+    assert report["identical_pages"] is True
+    assert report["modes"]["batched"]["queries_per_page"] == 3
+    assert report["modes"]["bulk"]["queries_per_page"] == 3
+    assert report["modes"]["naive"]["queries_per_page"] > 50
+    text = _cli.format_report(report)
+    assert "network: no delay added; through PgBouncer in transaction mode" in text
+    assert "direct connection" not in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -418,3 +419,182 @@ def test_partition_setting_applies_row_level_security(tenant_role: str) -> None:
     assert [r and r["label"] for r in results[1]] == ["one-a", "one-b", None]
     assert [r and r["label"] for r in results[2]] == [None, None, "two-a"]
     assert stats.batches == 2
+
+
+# --- names, statement checks, key types, key_fn ----------------------------------------------
+
+
+def test_a_lone_percent_sign_is_refused_at_construction(pg_pool: ConnectionPool[Any]) -> None:
+    query = "SELECT id, name FROM people WHERE id = ANY(%(keys)s) AND name LIKE 'person%'"
+    with pytest.raises(ValueError) as info:
+        pg.loader(pg_pool, query, key="id")
+    assert str(info.value) == (
+        "sql has a lone '%' at offset 74 (\"KE 'person%'\"); psycopg reads '%' as the start"
+        " of a placeholder: write a literal percent sign as '%%', as in \"name LIKE 'a%%'\""
+    )
+    with pytest.raises(ValueError, match=r"lone '%' at offset 47"):
+        pg.loader(pg_pool, "SELECT id FROM people WHERE id = ANY(%(keys)s) %(x)d", key="id")
+
+
+@pytest.mark.usefixtures("tables")
+def test_a_doubled_percent_sign_runs_as_a_literal_one(pg_pool: ConnectionPool[Any]) -> None:
+    query = "SELECT id, name FROM people WHERE id = ANY(%(keys)s) AND name LIKE 'person%%'"
+    with pg.loader(pg_pool, query, key="id") as people:
+        assert people.get(2, timeout=10) == {"id": 2, "name": "person 2"}
+
+
+def test_loaders_are_named_after_their_table_and_key(pg_pool: ConnectionPool[Any]) -> None:
+    composite = (
+        'SELECT * FROM public."Stock" WHERE (a, b) IN (SELECT * FROM unnest(%(a)s, %(b)s))'
+    )
+    with (
+        pg.loader(pg_pool, PEOPLE, key="id") as people,
+        pg.loader(pg_pool, PETS, key="owner_id", many=True) as pets,
+        pg.loader(pg_pool, composite, key=("a", "b")) as stock,
+        pg.loader(pg_pool, "SELECT 1 AS id WHERE 1 = ANY(%(keys)s)", key="id") as no_table,
+        pg.loader(pg_pool, PEOPLE, key="id", name="people by id") as named,
+    ):
+        assert [b.name for b in (people, pets, stock, no_table, named)] == [
+            "pg:people.id",
+            "pg:pets.owner_id",
+            "pg:public.Stock.(a,b)",
+            "pg:id",
+            "people by id",
+        ]
+
+
+@pytest.mark.usefixtures("tables")
+def test_a_key_of_the_wrong_type_fails_with_both_types(pg_pool: ConnectionPool[Any]) -> None:
+    # The server casts the text array '{2}' to int[] and finds row 2; its key is 2, not "2".
+    with pg.loader(pg_pool, PEOPLE, key="id") as people:
+        wrong, right = people.load("2"), people.load(3)
+        with pytest.raises(TypeError) as info:
+            wrong.result(10)
+        assert right.result(10) == {"id": 3, "name": "person 3"}
+        assert people.get(99, timeout=10) is None  # a missing key of the right type
+    assert str(info.value) == (
+        "batchsync.pg: key '2' of loader 'pg:people.id': a str for column 'id', which holds"
+        " int values, so it never matches a row; load int keys (e.g. int(value))"
+    )
+    with pg.loader(pg_pool, PETS, key="owner_id", many=True) as pets:
+        with pytest.raises(TypeError, match=r"key '1' of loader 'pg:pets\.owner_id': a str"):
+            pets.get("1", timeout=10)
+        assert pets.get(3, timeout=10) == []
+
+
+@pytest.mark.usefixtures("tables")
+def test_key_fn_finds_the_rows_that_exist(pg_pool: ConnectionPool[Any]) -> None:
+    # Keys as (id, label) pairs; key_fn picks the id. The query gets the raw keys' ids.
+    query = "SELECT id, name FROM people WHERE id = ANY(%(keys)s)"
+    with (
+        pg.loader(pg_pool, query, key="id", key_fn=lambda k: k) as people,
+        pg.loader(
+            pg_pool, PETS, key="owner_id", many=True, key_fn=lambda k: ("owner", k)
+        ) as pets,
+        pg.loader(pg_pool, query, key="id", key_fn=str, missing="raise") as strict,
+    ):
+        assert people.get_many([1, 7, 2]) == [
+            {"id": 1, "name": "person 1"},
+            None,
+            {"id": 2, "name": "person 2"},
+        ]
+        assert [len(p) for p in pets.get_many([1, 2, 3])] == [3, 1, 0]
+        assert strict.get(4, timeout=10) == {"id": 4, "name": "person 4"}
+        with pytest.raises(KeyError):
+            strict.get(8, timeout=10)
+
+
+# --- prepared statements ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("tables")
+@pytest.mark.parametrize(("prepare", "prepared"), [(False, 0), (None, 1), (True, 1)])
+def test_the_statement_is_prepared_only_when_asked(
+    pg_dsn: str, prepare: bool | None, prepared: int
+) -> None:
+    # prepare_threshold=0 on the connection: psycopg would prepare at the first run.
+    kwargs = {"autocommit": True, "prepare_threshold": 0}
+    with (
+        ConnectionPool(pg_dsn, min_size=1, max_size=1, kwargs=kwargs, open=True) as pool,
+        pg.loader(pool, PEOPLE, key="id", prepare=prepare) as people,
+    ):
+        for k in range(1, 6):
+            assert people.get(k, timeout=10) == {"id": k, "name": f"person {k}"}
+        with pool.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%people%'",
+                prepare=False,
+            ).fetchone()
+    assert row is not None and row[0] == prepared
+
+
+def test_prepare_is_checked(pg_pool: ConnectionPool[Any]) -> None:
+    with pytest.raises(TypeError, match="prepare must be False, None or True, got 'no'"):
+        pg.loader(pg_pool, PEOPLE, key="id", prepare="no")  # type: ignore[call-overload]
+
+
+# --- fork safety --------------------------------------------------------------------------------
+
+FORK_SCRIPT = r"""
+import os, sys
+from psycopg_pool import ConnectionPool
+from batchsync import ForkedPoolError, pg
+
+dsn, case = sys.argv[1], sys.argv[2]
+SQL = "SELECT id, name FROM people WHERE id = ANY(%(keys)s)"
+kwargs = {"autocommit": True}
+pool = ConnectionPool(dsn, min_size=1, max_size=1, kwargs=kwargs, open=case != "open_after")
+people = None if case == "loader_after" else pg.loader(pool, SQL, key="id", name="people")
+if case != "open_after":
+    assert people is None or people.get(1, timeout=10)["name"] == "person 1"
+pid = os.fork()
+if pid == 0:
+    try:
+        if case == "open_after":
+            pool.open(wait=True)
+        if people is None:
+            people = pg.loader(pool, SQL, key="id", name="people")
+        print("child got", people.get(2, timeout=10)["name"], flush=True)
+    except ForkedPoolError as exc:
+        print("child refused:", exc, flush=True)
+    os._exit(0)  # never let the child close the inherited connections
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+if case != "open_after":
+    loader = people or pg.loader(pool, SQL, key="id")
+    print("parent got", loader.get(3, timeout=10)["name"], flush=True)
+    loader.close()
+pool.close()
+"""
+
+
+@pytest.mark.usefixtures("tables")
+@pytest.mark.parametrize("case", ["loader_before", "loader_after", "open_after"])
+def test_a_pool_opened_before_a_fork_is_refused_in_the_child(pg_dsn: str, case: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, pg_dsn, case],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    if case == "open_after":  # the documented setup: the pool opened after the fork
+        assert lines == ["child got person 2"]
+        return
+    assert lines[1] == "parent got person 3"  # the parent's connections are intact
+    # Made before the fork, the loader knows the parent; made after it, only that it was.
+    where = r"process \d+" if case == "loader_before" else "another process"
+    assert re.fullmatch(
+        r"child refused: batchsync\.pg: loader 'people' refuses pool 'pool-\d+' in process"
+        rf" \d+: the pool was opened in {where} before this process"
+        r" was forked, so its connections are shared with that process and answers would"
+        r" be mixed\. Open the pool in the process that uses it: ConnectionPool\(\.\.\.,"
+        r" open=False\), then pool\.open\(\) after the fork \(gunicorn --preload: in the"
+        r" post_fork hook or on the worker's first request\)",
+        lines[0],
+    ), lines[0]

@@ -95,6 +95,7 @@ class Reply:
     status: int
     body: bytes
     seconds: float
+    headers: Mapping[str, str] | None = None
 
 
 def get(url: str, headers: Mapping[str, str] | None = None, timeout: float = 20.0) -> Reply:
@@ -103,7 +104,10 @@ def get(url: str, headers: Mapping[str, str] | None = None, timeout: float = 20.
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return Reply(response.status, response.read(), time.perf_counter() - started)
+            body = response.read()
+            return Reply(
+                response.status, body, time.perf_counter() - started, dict(response.headers)
+            )
     except urllib.error.HTTPError as exc:
         with exc:
             return Reply(exc.code, exc.read(), time.perf_counter() - started)
@@ -298,6 +302,97 @@ def shop_database(admin_dsn: str, prefix: str) -> Iterator[ShopDatabase]:
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+# -- gunicorn ---------------------------------------------------------------------------------
+
+
+class Gunicorn:
+    """A gunicorn master serving `app` (a gunicorn app spec) on a free loopback port.
+
+    ``base`` is the URL once started; ``workers()`` the pids of the workers booted so far
+    (from gunicorn's log, which a thread drains so gunicorn never blocks on it).
+    """
+
+    def __init__(self, app: str, args: Sequence[str], env: Mapping[str, str]) -> None:
+        import os
+        import re
+        import subprocess
+
+        self._booted: list[int] = []
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", *args, app],
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._listening = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
+        self._booting = re.compile(r"Booting worker with pid: (\d+)")
+        self.port = 0
+        self._drainer = threading.Thread(target=self._drain, name="gunicorn-log", daemon=True)
+        self._drainer.start()
+
+    def _drain(self) -> None:
+        assert self._process.stderr is not None
+        for line in self._process.stderr:
+            with self._cond:
+                self._lines.append(line.rstrip())
+                if m := self._listening.search(line):
+                    self.port = int(m.group(1))
+                if m := self._booting.search(line):
+                    self._booted.append(int(m.group(1)))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_workers(self, n: int, timeout: float = 30.0) -> list[int]:
+        """Wait until `n` workers have booted in all; return their pids."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: len(self._booted) >= n or self._process.poll() is not None, timeout
+            )
+            if not ok or len(self._booted) < n or not self.port:
+                raise AssertionError("gunicorn did not boot:\n" + "\n".join(self._lines[-30:]))
+            return list(self._booted)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def stop(self) -> None:
+        import signal
+
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(15)
+            except Exception:
+                self._process.kill()
+                self._process.wait(10)
+        self._drainer.join(10)
+        if self._process.stderr is not None:
+            self._process.stderr.close()
+
+
+@contextmanager
+def serve_gunicorn(
+    app: str, args: Sequence[str], env: Mapping[str, str], workers: int
+) -> Iterator[Gunicorn]:
+    """Start gunicorn, wait for its `workers`, yield it; stop it at the end."""
+    server = Gunicorn(app, args, env)
+    try:
+        server.wait_workers(workers)
+        yield server
+    finally:
+        server.stop()
 
 
 # -- a server in its own process -------------------------------------------------------------

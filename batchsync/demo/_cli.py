@@ -18,6 +18,8 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import _measure, _server, _shop
+from ._pgbouncer import NoPgBouncer
+from ._pgbouncer import pgbouncer as pgbouncer_process
 from ._proxy import proxy_process
 
 __all__ = ["main", "run"]
@@ -57,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="simulate a network: a TCP proxy adds MS milliseconds per round trip",
     )
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="serve through a private PgBouncer in transaction mode (Debian's pgbouncer);"
+        " without --dsn the server is a private cluster with pg_stat_statements",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="save a chart of the figures")
     return parser
@@ -72,8 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rtt < 0:
         _parser().error("--rtt must be >= 0")
     try:
-        report = run(dsn=args.dsn, threads=args.threads, seconds=args.seconds, rtt_ms=args.rtt)
-    except _server.NoServer as exc:
+        report = run(
+            dsn=args.dsn,
+            threads=args.threads,
+            seconds=args.seconds,
+            rtt_ms=args.rtt,
+            pgbouncer=args.pgbouncer,
+        )
+    except (_server.NoServer, NoPgBouncer, _measure.CannotCount) as exc:
         print(f"batchsync demo: {exc}", file=sys.stderr)
         return 2
     except psycopg.OperationalError as exc:
@@ -91,26 +105,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextmanager
-def _shop_database(dsn: str | None, rtt_ms: float) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """Yield (DSN to use, DSN for statistics, facts) of a freshly filled shop database."""
+def _shop_database(
+    dsn: str | None, rtt_ms: float, pgbouncer: bool = False
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """Yield (DSN to use, DSN for statistics, facts) of a freshly filled shop database.
+
+    facts["pooler"] describes the pooler the DSN to use goes through, or is None.
+    """
     with ExitStack() as stack:
-        admin = stack.enter_context(_server.server(dsn))
-        embedded = not (dsn or os.environ.get(_server.DSN_ENV))
+        given = dsn or os.environ.get(_server.DSN_ENV)
+        if pgbouncer and not given:
+            # Exact counts through a pooler need pg_stat_statements, which pgserver lacks.
+            admin = stack.enter_context(_server.local_cluster(preload=["pg_stat_statements"]))
+            label = "private cluster with pg_stat_statements"
+        else:
+            admin = stack.enter_context(_server.server(dsn))
+            label = "given DSN" if given else "embedded pgserver"
         db = stack.enter_context(_server.scratch_database(admin, "batchsync_demo"))
         counts = _shop.create_shop(db)
-        facts: dict[str, Any] = {"server": "embedded pgserver" if embedded else "given DSN"}
+        facts: dict[str, Any] = {"server": label}
         facts.update(counts)
         use = db
+        if pgbouncer:
+            use = stack.enter_context(pgbouncer_process(db, pool_size=MAX_POOL))
+            facts["pooler"] = "PgBouncer in transaction mode, started by the demo"
+        else:
+            facts["pooler"] = _server.intermediary(db)
         if rtt_ms > 0:
-            port = stack.enter_context(proxy_process(_server.proxy_target(db), rtt_ms))
-            use = _server.proxied_dsn(db, port)
+            port = stack.enter_context(proxy_process(_server.proxy_target(use), rtt_ms))
+            use = _server.proxied_dsn(use, port)
         yield use, db, facts
 
 
 def run(
-    *, dsn: str | None = None, threads: int = 32, seconds: float = 3.0, rtt_ms: float = 0.0
+    *,
+    dsn: str | None = None,
+    threads: int = 32,
+    seconds: float = 3.0,
+    rtt_ms: float = 0.0,
+    pgbouncer: bool = False,
 ) -> dict[str, Any]:
     """Run the three modes and return the report (what --json prints)."""
+
+
     pool_size = min(max(threads, 4), MAX_POOL)
     report: dict[str, Any] = {
         "settings": {
@@ -125,17 +162,24 @@ def run(
         },
         "modes": {},
     }
-    with _shop_database(dsn, rtt_ms) as (use, stats_dsn, facts):
-        counter = _measure.QueryCounter(stats_dsn)
+    with _shop_database(dsn, rtt_ms, pgbouncer) as (use, stats_dsn, facts):
+        pooler = facts.pop("pooler")
+        report["settings"]["pooler"] = pooler
+        counter = _measure.QueryCounter(stats_dsn, pooled=pooler is not None)
         report["settings"]["query_count_source"] = counter.label
         report["settings"]["server_version"] = counter.server_version
         report["shop"] = facts
+        # Through a pooler, psycopg's own prepared statements would reach other server
+        # sessions (PgBouncer before 1.21): the naive and bulk modes run unprepared there.
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if pooler is not None:
+            kwargs["prepare_threshold"] = None
         try:
             pool: ConnectionPool[Any] = ConnectionPool(
                 use,
                 min_size=pool_size,
                 max_size=pool_size,
-                kwargs={"autocommit": True},
+                kwargs=kwargs,
                 open=True,
                 name="demo",
             )
@@ -220,11 +264,14 @@ def format_report(report: dict[str, Any]) -> str:
         f" {shop['order_items']} order items; PostgreSQL {s['server_version']}"
         f" ({shop['server']})",
     ]
+    pooler = s.get("pooler")
     if s["rtt_simulated"]:
         lines.append(
             f"network: SIMULATED, a TCP proxy process on 127.0.0.1 adds {s['rtt_ms']:g} ms"
-            " per round trip"
+            " per round trip" + (f"; then through {pooler}" if pooler else "")
         )
+    elif pooler:
+        lines.append(f"network: no delay added; through {pooler}")
     else:
         lines.append("network: none added (direct connection)")
     lines += [

@@ -15,7 +15,11 @@ from typing import Any, TextIO
 import psycopg
 from psycopg_pool import ConnectionPool
 
-__all__ = ["LoadResult", "QueryCounter", "load_phase", "single_page_ms"]
+__all__ = ["CannotCount", "LoadResult", "QueryCounter", "load_phase", "single_page_ms"]
+
+
+class CannotCount(RuntimeError):
+    """The server's statistics cannot count the statements exactly here."""
 
 _STATEMENTS_SQL = """
 SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
@@ -43,16 +47,28 @@ class QueryCounter:
     so before each reading every connection of the pool is made to publish them
     with ``pg_stat_force_next_flush()`` (PostgreSQL 15 and later), and those
     statements, one per connection plus the previous reading, are subtracted.
+
+    With `pooled` (the pool goes through a transaction pooler such as PgBouncer),
+    only ``pg_stat_statements`` counts right: the pool's connections are not the
+    server's sessions, so the ``xact_commit`` flush cannot reach every session
+    (it under-counts) and the pooler's own logins and checks add transactions
+    (it over-counts). Raise CannotCount when the counts would be wrong.
     """
 
-    def __init__(self, dsn: str) -> None:
-        self._conn = psycopg.connect(dsn, autocommit=True)
+    def __init__(self, dsn: str, *, pooled: bool = False) -> None:
+        self._conn = psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
         row = self._conn.execute("SHOW server_version").fetchone()
         self.server_version = str(row[0]).split()[0] if row else "?"
         self.source = "pg_stat_statements" if self._has_statements() else "xact_commit"
-        if self.source == "xact_commit" and self._conn.info.server_version < 150000:
+        if self.source == "xact_commit" and (pooled or self._conn.info.server_version < 150000):
             self._conn.close()
-            raise RuntimeError(
+            if pooled:
+                raise CannotCount(
+                    "counting queries through a pooler needs pg_stat_statements on the server"
+                    " (shared_preload_libraries = 'pg_stat_statements'): the xact_commit"
+                    " count cannot be made exact through one"
+                )
+            raise CannotCount(
                 "counting queries needs pg_stat_statements or PostgreSQL 15 or later"
             )
         # Publish what this connection has counted so far: from here on, each

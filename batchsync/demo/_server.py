@@ -33,6 +33,7 @@ __all__ = [
     "DSN_ENV",
     "NoServer",
     "find_pg_bindir",
+    "intermediary",
     "local_cluster",
     "proxied_dsn",
     "proxy_target",
@@ -210,3 +211,22 @@ def proxied_dsn(dsn: str, port: int) -> str:
     params.update(host="127.0.0.1", port=str(port))
     return make_conninfo("", **params)
 
+
+
+def intermediary(dsn: str) -> str | None:
+    """Describe what stands between `dsn` and its server (a pooler, a proxy), or None.
+
+    The server's own port (``inet_server_port()``, NULL over a unix socket) is compared
+    with the port `dsn` names: when they differ, something else answers at the DSN.
+    """
+    params: dict[str, Any] = conninfo_to_dict(dsn)
+    host = str(params.get("hostaddr") or params.get("host") or "").split(",")[0]
+    port = int(str(params.get("port") or "5432").split(",")[0])
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        row = conn.execute("SELECT inet_server_port()").fetchone()
+    server_port = row[0] if row else None
+    over_socket = not host or host.startswith("/")
+    if (server_port is None) if over_socket else (server_port == port):
+        return None
+    where = "a unix socket" if server_port is None else f"port {server_port}"
+    return f"a pooler or proxy (the DSN names port {port}, the server listens on {where})"
