@@ -20,7 +20,6 @@ import platform
 import random
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from batchsync.demo._measure import _STATEMENTS_SQL  # noqa: E402
 from batchsync.demo._pgbouncer import pgbouncer  # noqa: E402
 from batchsync.demo._server import local_cluster, scratch_database  # noqa: E402
 from batchsync.demo._shop import CUSTOMERS, PAGE_SIZE, create_shop  # noqa: E402
-from tests.webutil import get, percentile_ms, serve_gunicorn  # noqa: E402
+from tests.webutil import get, percentile_ms, run_clients, serve_gunicorn  # noqa: E402
 
 PAGES = CUSTOMERS // PAGE_SIZE
 SERVER_CONNECTIONS = 20
@@ -51,34 +50,21 @@ class Phase:
 def load(base: str, mode: str, truth: list[bytes], clients: int, seconds: float) -> Phase:
     """GET random pages from `clients` threads for `seconds`, every body against the truth."""
     phase, lock = Phase(), threading.Lock()
-    start = threading.Barrier(clients + 1)
-    deadline = [0.0]
 
-    def client(i: int) -> None:
-        rng = random.Random(i)
-        start.wait()
-        while time.perf_counter() < deadline[0]:
-            page = rng.randrange(PAGES)
-            try:
-                reply = get(f"{base}/page/{page}/{mode}", timeout=30)
-            except OSError as exc:
-                with lock:
-                    phase.errors.append(exc)
-                continue
+    def step(rng: random.Random) -> None:
+        page = rng.randrange(PAGES)
+        try:
+            reply = get(f"{base}/page/{page}/{mode}", timeout=30)
+        except OSError as exc:
             with lock:
-                phase.latencies.append(reply.seconds)
-                if reply.status != 200 or reply.body != truth[page]:
-                    phase.wrong += 1
+                phase.errors.append(exc)
+            return
+        with lock:
+            phase.latencies.append(reply.seconds)
+            if reply.status != 200 or reply.body != truth[page]:
+                phase.wrong += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    began = time.perf_counter()
-    deadline[0] = began + seconds
-    start.wait()
-    for t in threads:
-        t.join()
-    phase.elapsed = time.perf_counter() - began
+    phase.elapsed = run_clients(clients, seconds, step)
     return phase
 
 

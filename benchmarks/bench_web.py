@@ -17,8 +17,6 @@ import os
 import platform
 import random
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batchsync.demo._child import child_process  # noqa: E402
-from tests.webutil import get, percentile_ms  # noqa: E402
+from tests.webutil import get, percentile_ms, run_clients  # noqa: E402
 
 PAGES = 10
 
@@ -62,36 +60,16 @@ def app_server(name: str, dsn: str, threads: int) -> Iterator[str]:
 
 def load(url: str, clients: int, seconds: float) -> tuple[float, float, float]:
     """GET random pages from `clients` threads for `seconds`; return (req/s, p50, p99 ms)."""
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(clients + 1)
-    deadline = [0.0]
+    latencies: list[float] = []
 
-    def client(i: int) -> None:
-        rng = random.Random(i)
-        start.wait()
-        try:
-            while time.perf_counter() < deadline[0]:
-                reply = get(url.format(page=rng.randrange(PAGES)))
-                if reply.status != 200:
-                    raise RuntimeError(f"HTTP {reply.status}: {reply.body[:200]!r}")
-                latencies[i].append(reply.seconds)
-        except BaseException as exc:
-            errors.append(exc)
+    def step(rng: random.Random) -> None:
+        reply = get(url.format(page=rng.randrange(PAGES)))
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {reply.body[:200]!r}")
+        latencies.append(reply.seconds)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    began = time.perf_counter()
-    deadline[0] = began + seconds
-    start.wait()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    if errors:
-        raise errors[0]
-    flat = [x for lat in latencies for x in lat]
-    return len(flat) / elapsed, percentile_ms(flat, 0.5), percentile_ms(flat, 0.99)
+    elapsed = run_clients(clients, seconds, step)
+    return len(latencies) / elapsed, percentile_ms(latencies, 0.5), percentile_ms(latencies, 0.99)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@
   stops it (and its threads) at the end.
 - ``fetch_all(urls, threads=16)``: GET every URL from a pool of client threads (urllib, one
   connection per request); returns the responses in order, with their latencies.
+- ``run_clients(clients, seconds, step)``: the benchmarks' load driver: `clients` threads,
+  released together, each calling ``step(rng)`` until the time is up.
 - ``DatabaseWatch``: reads the server's own statistics for one database from another
   database (so that reading does not count): ``xact_commit`` and ``pg_stat_activity``.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import random
 import signal
 import sys
 import threading
@@ -133,6 +136,42 @@ def fetch_all(
 
     with ThreadPoolExecutor(threads, thread_name_prefix="http-client") as pool:
         return list(pool.map(one, range(len(urls))))
+
+
+def run_clients(clients: int, seconds: float, step: Callable[[random.Random], None]) -> float:
+    """Call ``step(rng)`` over and over from `clients` threads for `seconds`; return the time taken.
+
+    All threads start together (a barrier) and the clock starts with them; thread i draws
+    from its own ``random.Random(i)``. A step that raises ends its thread; once every thread
+    has ended, the first such exception is raised here.
+    """
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients + 1)
+    deadline = [0.0]
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        start.wait()
+        try:
+            while time.perf_counter() < deadline[0]:
+                step(rng)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"http-client-{i}") for i in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    start.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    if errors:
+        raise errors[0]
+    return elapsed
 
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float:
