@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from batchsync import Batcher
 
@@ -96,20 +97,18 @@ def bench_aiodataloader(n: int) -> float | None:
     return asyncio.run(run())
 
 
-def bench_threads(threads: int, per_thread: int, call_cost: float) -> dict[str, float]:
-    def fn(keys: list[int]) -> list[int]:
-        if call_cost:
-            time.sleep(call_cost)  # stands in for one round trip to a database
-        return keys
+def _threads_getting(get: Callable[[int], Any], threads: int, per_thread: int) -> float:
+    """Seconds `threads` threads, released together, take to `get` `per_thread` keys each.
 
-    b = Batcher(fn, name="bench")
+    Every value is checked: the batch functions here answer each key with itself.
+    """
     barrier = threading.Barrier(threads + 1)
 
     def worker(seed: int) -> None:
         barrier.wait()
         for i in range(per_thread):
             key = (seed * 7919 + i) % 5000
-            if b.get(key) != key:
+            if get(key) != key:
                 raise AssertionError("wrong value")
 
     pool = [threading.Thread(target=worker, args=(s,)) for s in range(threads)]
@@ -119,7 +118,17 @@ def bench_threads(threads: int, per_thread: int, call_cost: float) -> dict[str, 
     start = time.perf_counter()
     for t in pool:
         t.join()
-    elapsed = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def bench_threads(threads: int, per_thread: int, call_cost: float) -> dict[str, float]:
+    def fn(keys: list[int]) -> list[int]:
+        if call_cost:
+            time.sleep(call_cost)  # stands in for one round trip to a database
+        return keys
+
+    b = Batcher(fn, name="bench")
+    elapsed = _threads_getting(b.get, threads, per_thread)
     b.close()
     s = b.stats()
     return {
@@ -142,23 +151,7 @@ def bench_batched_package(threads: int, per_thread: int) -> float | None:
     def fn(keys: list[int]) -> list[int]:
         return keys
 
-    barrier = threading.Barrier(threads + 1)
-
-    def worker(seed: int) -> None:
-        barrier.wait()
-        for i in range(per_thread):
-            key = (seed * 7919 + i) % 5000
-            if fn(key) != key:
-                raise AssertionError("wrong value")
-
-    pool = [threading.Thread(target=worker, args=(s,)) for s in range(threads)]
-    for t in pool:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed = _threads_getting(fn, threads, per_thread)
     fn.shutdown()
     return threads * per_thread / elapsed
 
