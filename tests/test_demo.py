@@ -273,7 +273,8 @@ def test_a_signal_stops_the_embedded_server_without_a_traceback(
     err = seen.decode(errors="replace")
     assert "Traceback" not in err, err
     name = signal.Signals(signum).name
-    assert err.rstrip().endswith(f"batchsync demo: stopped by {name}; everything it started is stopped")
+    stopped = f"batchsync demo: stopped by {name}; everything it started is stopped"
+    assert err.rstrip().endswith(stopped), err
     deadline = time.monotonic() + 30
     while not _gone(pids[0]) and time.monotonic() < deadline:
         time.sleep(0.1)  # another process's exit: nothing to wait on but its pid
