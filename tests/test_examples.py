@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +97,7 @@ def _serve_then_stop(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()  # reaps it and closes its pipe, whatever happened
     out = "".join(seen)
     assert proc.returncode in codes, out
     assert "Traceback" not in out, out
@@ -109,6 +112,18 @@ def _assert_stopped(pids: list[int], tmp_path: Path) -> None:
     assert not list(tmp_path.glob("batchsync-*")), list(tmp_path.iterdir())
 
 
+@pytest.fixture
+def server_tmp() -> Iterator[Path]:
+    """A temporary directory the private server can use: as root, Debian's PostgreSQL runs
+    as ``nobody`` (it refuses root), who cannot enter pytest's own tmp_path (mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="batchsync-test-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _env_without_dsn(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
     for name in ("BATCHSYNC_PG_DSN", "DJANGO_SHOP_DSN"):
@@ -119,8 +134,11 @@ def _env_without_dsn(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.pg
 @pytest.mark.web
 @pytest.mark.timeout(120)
-def test_flask_shop_without_a_dsn_serves_a_private_server_and_stops_it(tmp_path: Path) -> None:
+def test_flask_shop_without_a_dsn_serves_a_private_server_and_stops_it(
+    server_tmp: Path,
+) -> None:
     _needs_a_server()
+    tmp_path = server_tmp
     page, out, pids = _serve_then_stop(
         [sys.executable, str(FLASK_SHOP), "--port", "0"],
         _env_without_dsn(tmp_path), ROOT, "serving on", tmp_path,
@@ -134,8 +152,9 @@ def test_flask_shop_without_a_dsn_serves_a_private_server_and_stops_it(tmp_path:
 @pytest.mark.pg
 @pytest.mark.web
 @pytest.mark.timeout(120)
-def test_django_shop_under_waitress_without_a_dsn(tmp_path: Path) -> None:
+def test_django_shop_under_waitress_without_a_dsn(server_tmp: Path) -> None:
     _needs_a_server()
+    tmp_path = server_tmp
     pytest.importorskip("django")
     pytest.importorskip("waitress")
     waitress = Path(sys.executable).with_name("waitress-serve")
