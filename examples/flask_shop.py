@@ -39,11 +39,9 @@ from typing import Any
 from flask import Flask, Response, abort
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
-from werkzeug.serving import make_server
 
 from batchsync import pg
-from batchsync.demo._examples import ShopUnavailable, shop_database
-from batchsync.demo._signals import Stopped, stop_on_signals
+from batchsync.demo._examples import serve_example
 from batchsync.flask import BatchSync
 
 PAGE_SIZE = 50
@@ -194,24 +192,7 @@ def main() -> None:
         os.environ["SHOP_POOL_SIZE"] = str(args.pool_size)
     if args.prepare_threshold is not None:
         os.environ["SHOP_PREPARE_THRESHOLD"] = args.prepare_threshold
-    try:
-        with stop_on_signals(), shop_database(args.dsn, create=args.create) as dsn:
-            serve(create_app(dsn), args.port)
-    except ShopUnavailable as exc:
-        raise SystemExit(f"flask_shop: {exc}") from None
-    except Stopped as exc:
-        raise SystemExit(exc.exit_code) from None
-
-
-def serve(app: Flask, port: int) -> None:
-    """Serve `app` with werkzeug's threaded server until a signal stops it; then close it."""
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    print(f"serving on http://127.0.0.1:{server.server_port}/page/0/batched", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        close_app(app)
+    serve_example("flask_shop", args.dsn, args.create, args.port, create_app, close_app)
 
 
 if __name__ == "__main__":

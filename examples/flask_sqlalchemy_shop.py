@@ -36,11 +36,9 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import ForeignKey, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
-from werkzeug.serving import make_server
 
 from batchsync import sqlalchemy as bs
-from batchsync.demo._examples import ShopUnavailable, shop_database
-from batchsync.demo._signals import Stopped, stop_on_signals
+from batchsync.demo._examples import serve_example
 from batchsync.flask import BatchSync
 
 PAGE_SIZE = 50
@@ -245,20 +243,9 @@ def main() -> None:
         "--create", action="store_true", help="create the demo's shop tables unless they exist"
     )
     args = parser.parse_args()
-    try:
-        with stop_on_signals(), shop_database(args.dsn, create=args.create) as dsn:
-            app = create_app(dsn)
-            server = make_server("127.0.0.1", args.port, app, threaded=True)
-            print(f"serving on http://127.0.0.1:{server.server_port}/page/0/batched", flush=True)
-            try:
-                server.serve_forever()
-            finally:
-                server.server_close()
-                close_app(app)
-    except ShopUnavailable as exc:
-        raise SystemExit(f"flask_sqlalchemy_shop: {exc}") from None
-    except Stopped as exc:
-        raise SystemExit(exc.exit_code) from None
+    serve_example(
+        "flask_sqlalchemy_shop", args.dsn, args.create, args.port, create_app, close_app
+    )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pty
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from psycopg_pool import ConnectionPool  # noqa: E402
 
 from batchsync.demo import _cli, _measure, _server, _shop  # noqa: E402
 from batchsync.demo._measure import QueryCounter  # noqa: E402
+from tests.pg_fixtures import wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.pg
 
@@ -217,34 +216,16 @@ def test_a_role_without_createdb_is_one_line(pg_admin_dsn: str, capsys: Any) -> 
     )
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with open(f"/proc/{pid}/stat") as f:  # a zombie has stopped; its parent reaps it
-        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_embedded_server_without_a_traceback(signum: int) -> None:
+def test_a_signal_stops_the_embedded_server_without_a_traceback(
+    signum: int, server_tmp: Path
+) -> None:
     """The demo on its own embedded server, its stderr a terminal (a pty): the meter shows;
     SIGTERM or SIGINT, sent once the load runs, stops the server it started and removes
     its directory, with one line and status 128 + the signal. (Python's default SIGTERM
     ends the process at once and leaves the server running.)"""
-    if _server.embedded_kind() == "none available":
-        missing = "neither pgserver nor PostgreSQL's server binaries"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {missing}", pytrace=False)
-        pytest.skip(missing)
-    # As root, Debian's PostgreSQL runs as nobody, who cannot enter pytest's tmp_path (0700).
-    tmp_path = Path(tempfile.mkdtemp(prefix="batchsync-test-", dir="/tmp"))
-    tmp_path.chmod(0o755)
-    try:
-        _signal_the_demo(signum, tmp_path)
-    finally:
-        shutil.rmtree(tmp_path, ignore_errors=True)
+    _signal_the_demo(signum, server_tmp)
 
 
 def _signal_the_demo(signum: int, tmp_path: Path) -> None:
@@ -288,10 +269,7 @@ def _signal_the_demo(signum: int, tmp_path: Path) -> None:
     name = signal.Signals(signum).name
     stopped = f"batchsync demo: stopped by {name}; everything it started is stopped"
     assert err.rstrip().endswith(stopped), err
-    deadline = time.monotonic() + 30
-    while not _gone(pids[0]) and time.monotonic() < deadline:
-        time.sleep(0.1)  # another process's exit: nothing to wait on but its pid
-    assert _gone(pids[0]), f"the embedded server (pid {pids[0]}) still runs"
+    assert wait_gone(pids), f"the embedded server (pid {pids[0]}) still runs"
     assert not list(tmp_path.glob("batchsync-*")), list(tmp_path.iterdir())
 
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.pg_fixtures import wait_gone
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "n_plus_one.py"
 
@@ -39,27 +37,6 @@ def test_n_plus_one_example() -> None:
 ROOT = EXAMPLE.parent.parent
 FLASK_SHOP = ROOT / "examples" / "flask_shop.py"
 DJANGO_SHOP = ROOT / "examples" / "django_shop"
-
-
-def _needs_a_server() -> None:
-    pytest.importorskip("flask")
-    pytest.importorskip("psycopg")
-    from batchsync.demo import _server
-
-    if _server.embedded_kind() == "none available":
-        missing = "neither pgserver nor PostgreSQL's server binaries"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {missing}", pytrace=False)
-        pytest.skip(missing)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with open(f"/proc/{pid}/stat") as f:  # a zombie has stopped; its parent reaps it
-        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def _serve_then_stop(
@@ -105,23 +82,8 @@ def _serve_then_stop(
 
 
 def _assert_stopped(pids: list[int], tmp_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while any(not _gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)  # another process's exit: nothing to wait on but its pid
-    assert all(_gone(p) for p in pids), f"servers still running: {pids}"
+    assert wait_gone(pids), f"servers still running: {pids}"
     assert not list(tmp_path.glob("batchsync-*")), list(tmp_path.iterdir())
-
-
-@pytest.fixture
-def server_tmp() -> Iterator[Path]:
-    """A temporary directory the private server can use: as root, Debian's PostgreSQL runs
-    as ``nobody`` (it refuses root), who cannot enter pytest's own tmp_path (mode 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="batchsync-test-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _env_without_dsn(tmp_path: Path) -> dict[str, str]:
@@ -137,7 +99,7 @@ def _env_without_dsn(tmp_path: Path) -> dict[str, str]:
 def test_flask_shop_without_a_dsn_serves_a_private_server_and_stops_it(
     server_tmp: Path,
 ) -> None:
-    _needs_a_server()
+    pytest.importorskip("flask")
     tmp_path = server_tmp
     page, out, pids = _serve_then_stop(
         [sys.executable, str(FLASK_SHOP), "--port", "0"],
@@ -153,7 +115,6 @@ def test_flask_shop_without_a_dsn_serves_a_private_server_and_stops_it(
 @pytest.mark.web
 @pytest.mark.timeout(120)
 def test_django_shop_under_waitress_without_a_dsn(server_tmp: Path) -> None:
-    _needs_a_server()
     tmp_path = server_tmp
     pytest.importorskip("django")
     pytest.importorskip("waitress")

@@ -18,12 +18,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from types import FrameType
+from typing import Any
 
 import psycopg
 
-from . import _server, _shop
+from . import _server, _shop, _signals
 
-__all__ = ["ShopUnavailable", "process_shop_dsn", "shop_database"]
+__all__ = ["ShopUnavailable", "process_shop_dsn", "serve_example", "shop_database"]
 
 
 class ShopUnavailable(RuntimeError):
@@ -130,3 +131,35 @@ def process_shop_dsn(dsn: str | None, *, require_shop: bool = False) -> str:
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit handlers must run to their end
     raise SystemExit(128 + signum)
+
+
+def serve_example(
+    name: str,
+    dsn: str | None,
+    create: bool,
+    port: int,
+    create_app: Callable[[str], Any],
+    close_app: Callable[[Any], None],
+) -> None:
+    """Serve the WSGI app `create_app(dsn)` of example `name` with werkzeug's threaded server.
+
+    The database comes from `shop_database(dsn, create=create)`. A signal (Ctrl-C, SIGTERM)
+    closes the server, the app (`close_app`) and the database it started, then exits with
+    128 + the signal; no usable database exits with one line naming the example.
+    """
+    from werkzeug.serving import make_server
+
+    try:
+        with _signals.stop_on_signals(), shop_database(dsn, create=create) as found:
+            app = create_app(found)
+            server = make_server("127.0.0.1", port, app, threaded=True)
+            print(f"serving on http://127.0.0.1:{server.server_port}/page/0/batched", flush=True)
+            try:
+                server.serve_forever()
+            finally:
+                server.server_close()
+                close_app(app)
+    except ShopUnavailable as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    except _signals.Stopped as exc:
+        raise SystemExit(exc.exit_code) from None
