@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from . import _measure, _server, _shop, _signals
+from . import _measure, _server, _shop, _signals, _sweep
 from ._pgbouncer import NoPgBouncer
 from ._pgbouncer import pgbouncer as pgbouncer_process
 from ._plot import check_plot_path, plot
@@ -35,6 +35,9 @@ MODES = ("naive", "batched", "bulk")
 WINDOW = 0.002
 MAX_CONCURRENCY = 2
 MAX_POOL = 32
+# The load sweep plotted by --plot: threads, and seconds per design and thread count.
+SWEEP_THREADS = (1, 4, 16, 64)
+SWEEP_SECONDS = 0.4
 # A round trip of a second already makes the naive page take minutes.
 MAX_RTT_MS = 1000.0
 
@@ -131,6 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sys.stdout.write(format_report(report))
     if args.plot:
+        try:
+            with _signals.stop_on_signals():
+                # The chart's load-sweep panels: the dispatch rule against a fixed window,
+                # on an in-memory batch function (no database), a few seconds in all.
+                report["sweep"] = _sweep.sweep(SWEEP_THREADS, SWEEP_SECONDS)
+        except _signals.Stopped as exc:
+            print(f"batchsync demo: {exc}; no chart saved", file=sys.stderr)
+            return exc.exit_code
         plot(report, args.plot)
         print(f"chart saved to {args.plot}", file=sys.stderr)
     return 0
