@@ -371,3 +371,15 @@ def test_the_demo_through_pgbouncer(pgbouncer: Any, capsys: Any) -> None:
     text = _cli.format_report(report)
     assert "network: no delay added; through PgBouncer in transaction mode" in text
     assert "direct connection" not in text
+
+
+@pytest.mark.timeout(120)
+def test_a_dsn_through_a_pooler_is_named_in_the_network_line(pgbouncer: Any, capsys: Any) -> None:
+    args = ["--dsn", pgbouncer.pooled, "--threads", "2", "--seconds", "0.2", "--json"]
+    assert _cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["pooler"].startswith("a pooler or proxy (the DSN names port")
+    assert report["identical_pages"] is True
+    text = _cli.format_report(report)
+    assert "network: no delay added; through a pooler or proxy" in text
+    assert "direct connection" not in text
