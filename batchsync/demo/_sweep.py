@@ -82,7 +82,10 @@ def run(get: Callable[[int], Any], threads: int, seconds: float) -> tuple[list[f
 
     def serve(mine: list[float]) -> None:
         rnd = random.Random()
-        start.wait()
+        try:
+            start.wait()
+        except threading.BrokenBarrierError:  # the run was interrupted before it began
+            return
         while not stop.is_set():
             began = time.perf_counter()
             with batchsync.scope():
@@ -94,12 +97,15 @@ def run(get: Callable[[int], Any], threads: int, seconds: float) -> tuple[list[f
     workers = [threading.Thread(target=serve, args=(lat,)) for lat in latencies]
     for w in workers:
         w.start()
-    start.wait()
-    began = time.perf_counter()
-    stop.wait(seconds)  # the measured interval: the load runs for this long
-    stop.set()
-    for w in workers:
-        w.join()
+    try:
+        start.wait()
+        began = time.perf_counter()
+        stop.wait(seconds)  # the measured interval: the load runs for this long
+    finally:  # also when a signal interrupts the wait: no request thread outlives the call
+        stop.set()
+        start.abort()  # releases threads still at the start line (harmless once all passed)
+        for w in workers:
+            w.join()
     return [x for lat in latencies for x in lat], time.perf_counter() - began
 
 
