@@ -20,6 +20,7 @@ import math
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -54,34 +55,19 @@ def shown(value: Any) -> Any:
     return ("ok", repr(value))
 
 
+@dataclass
 class Program:
     """A batch function's behaviour, the Batcher's options and the steps to run."""
 
-    def __init__(
-        self,
-        *,
-        cache: bool,
-        missing: str,
-        mapping: bool,
-        max_batch_size: int,
-        max_concurrency: int,
-        failing: frozenset[int],
-        absent: frozenset[int],
-        poison: frozenset[int],
-        steps: list[tuple[Any, ...]],
-    ) -> None:
-        self.cache = cache
-        self.missing = missing
-        self.mapping = mapping
-        self.max_batch_size = max_batch_size
-        self.max_concurrency = max_concurrency
-        self.failing = failing
-        self.absent = absent
-        self.poison = poison
-        self.steps = steps
-
-    def __repr__(self) -> str:
-        return f"Program({vars(self)!r})"
+    cache: bool
+    missing: str  # "none" or "raise"
+    mapping: bool  # the batch function returns a Mapping (else a list)
+    max_batch_size: int
+    max_concurrency: int
+    failing: frozenset[int]  # keys answered with an exception instance
+    absent: frozenset[int]  # keys left out of a Mapping, None in a list
+    poison: frozenset[int]  # keys that make their call raise
+    steps: list[tuple[Any, ...]]
 
     def answer(self, keys: list[Hashable]) -> Any:
         """The batch function's result for one call: it depends on the keys alone."""
