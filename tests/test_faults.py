@@ -365,7 +365,8 @@ def test_interpreter_exit_dispatches_queued_keys_and_exits_promptly() -> None:
 
         b = Batcher(fn, window=60.0, eager=False, max_batch_size=400)
         futures = b.load_many(range(1000))  # 800 go at once in full batches, 200 wait
-        print("exiting", flush=True)
+        sys.stdout.write("exiting\\n")  # one write: a worker may be writing a batch now
+        sys.stdout.flush()
         """
     )
     elapsed = time.monotonic() - start
