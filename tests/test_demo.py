@@ -173,6 +173,7 @@ def test_an_unreachable_server_is_one_line(capsys: Any) -> None:
     assert err.count("\n") == 1, err
 
 
+@pytest.mark.timing
 def test_a_server_that_never_answers_times_out(capsys: Any) -> None:
     # A real listening socket that accepts connections and never says a word.
     import socket
