@@ -28,6 +28,8 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
 from . import _hooks
+from ._future import LoadFuture as _LoadFuture
+from ._future import resolved as _resolved
 from ._queue import DONE as _DONE
 from ._queue import QUEUED as _QUEUED
 from ._queue import RUNNING as _RUNNING
@@ -78,34 +80,6 @@ class _Latch:
         return False
 
 
-class _LoadFuture(Future[V]):
-    """The Future that ``load`` returns: waiting on it closes the window early.
-
-    It is a plain ``concurrent.futures.Future`` in every other respect. ``result()`` and
-    ``exception()`` first tell the batcher that somebody now waits for this key, so a lone
-    caller does not sit out the window, and, on a batchsync worker thread, run the batch
-    inline rather than wait for a worker that may be this thread.
-    """
-
-    _core: _Core[Any, V] | None = None
-    _entry: _Entry | None = None
-    _token: object = None  # the observer hook's token of this caller (_hooks)
-
-    def result(self, timeout: float | None = None) -> V:
-        core, entry = self._core, self._entry
-        if core is not None and entry is not None and not self.done():
-            return core.block_on([entry], self.done, timeout, lambda: Future.result(self, timeout))
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        core, entry = self._core, self._entry
-        if core is not None and entry is not None and not self.done():
-            return core.block_on(
-                [entry], self.done, timeout, lambda: Future.exception(self, timeout)
-            )
-        return super().exception(timeout)
-
-
 def _last_resort(what: str) -> None:
     """Report an error of the delivery machinery itself; never raises (not even if stderr is gone).
 
@@ -125,15 +99,6 @@ def _is_error(value: Any) -> bool:
     # type(), not isinstance(): a lazy proxy's __class__ property must not run user code
     # under the core lock (Django's SimpleLazyObject, werkzeug's LocalProxy).
     return issubclass(type(value), BaseException)
-
-
-def _resolved(value: Any, failed: bool) -> _LoadFuture[Any]:
-    fut: _LoadFuture[Any] = _LoadFuture()
-    if failed:
-        fut.set_exception(value)
-    else:
-        fut.set_result(value)
-    return fut
 
 
 def _collect(
