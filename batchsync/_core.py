@@ -29,7 +29,9 @@ from typing import Any, Generic, TypeVar
 
 from . import _hooks
 from ._future import LoadFuture as _LoadFuture
+from ._future import resolve_all as _resolve_all
 from ._future import resolved as _resolved
+from ._future import start_all as _start_all
 from ._queue import DONE as _DONE
 from ._queue import QUEUED as _QUEUED
 from ._queue import RUNNING as _RUNNING
@@ -136,6 +138,16 @@ def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -
     """Resolve futures and open latches; called with no batchsync lock held. Never raises."""
     for latch in latches:
         latch.open()
+    try:
+        futures, called = _resolve_all(futures)
+    except BaseException:  # the loop below still resolves each future that is not done
+        _last_resort("resolving a batch of futures failed")
+        called = []
+    for finished in called:
+        try:
+            finished._invoke_callbacks()
+        except BaseException:  # a done-callback raised past Future's own `except Exception`
+            _last_resort("a future's done-callback raised")
     for fut, entry in futures:
         try:
             if entry.failed:
@@ -237,6 +249,8 @@ class _Core(Generic[K, V]):
 
     def load_many(self, keys: Sequence[K]) -> list[Future[V]]:
         """Queue keys and return one future per key, in order."""
+        if self.plain:
+            return self._load_many_plain(keys)
         idents = self.identities(keys)
         futures: list[Future[V]] = []
         memo = self._scope_memo()
@@ -265,6 +279,48 @@ class _Core(Generic[K, V]):
                 futures.append(fut)
             if not self._workers and self._queue:
                 self._start_workers_locked()
+        return futures
+
+    def _load_many_plain(self, keys: Sequence[K]) -> list[Future[V]]:
+        """load_many without key_fn, partition or cache: the hot path, as one tight loop."""
+        try:
+            dict.fromkeys(keys)  # every key hashable, before anything is queued
+        except TypeError:
+            for key in keys:
+                self._identity(key, None)  # raises the TypeError that names the key
+            raise
+        futures: list[Future[V]] = []
+        append = futures.append
+        # [hook call site 1 of 4, plain] the caller's context, captured in the caller's thread.
+        hook = _hooks.installed
+        token = None if hook is None else hook.on_load(self.name, len(keys))
+        with self._lock:  # critical section: de-duplicate, queue
+            self._refuse_if_closed_locked()
+            self._loads += len(keys)
+            self._seen_locked(threading.get_ident())
+            entries, queue = self._entries, self._queue.entries
+            was_open = self._queue.held > 0
+            queued = len(queue)
+            for key in keys:
+                fut: _LoadFuture[V] = _LoadFuture(self)
+                entry = entries.get(key)
+                if entry is None:
+                    entry = entries[key] = _Entry(key, key, key, None, fut)
+                    queue.append(entry)
+                else:  # queued or running (plain: no cache, so never done)
+                    self._deduplicated += 1
+                    if entry.state == _RUNNING:
+                        fut.set_running_or_notify_cancel()
+                    entry.waiters.append(fut)
+                fut._entry = entry
+                if token is not None:
+                    fut._token = token
+                append(fut)
+            if len(queue) > queued:
+                if self._queue.pushed(was_open, time.monotonic()):
+                    self._cond.notify()  # the window opened (a worker times it) or is full
+                if not self._workers:
+                    self._start_workers_locked()
         return futures
 
     def get_many(self, keys: Sequence[K], timeout: float | None) -> list[V | None]:
@@ -666,26 +722,17 @@ class _Core(Generic[K, V]):
     def _take_locked(self) -> list[_Entry]:
         """Take the next chunk of due entries, drop cancelled ones, mark the rest running."""
         chunk = self._queue.take()
+        # Once running, a future can no longer be cancelled by its caller.
+        futures = [w for entry in chunk for w in entry.waiters if type(w) is not _Latch]
+        stopped = _start_all(futures) if futures else None
         live = []
         for entry in chunk:
             waiters = entry.waiters
-            cancelled = False
-            if len(waiters) != 1 or type(waiters[0]) is not _Latch:  # any futures?
-                for w in waiters:
-                    # Once running, a future can no longer be cancelled by its caller.
-                    if type(w) is _Latch:
-                        continue
-                    try:
-                        if not w.set_running_or_notify_cancel():
-                            cancelled = True
-                    except RuntimeError:  # completed by its own caller: skip it, serve the rest
-                        cancelled = True
-            if cancelled:
-                entry.waiters = waiters = [
-                    w for w in waiters if type(w) is _Latch or not w.done()
-                ]
+            if stopped and not stopped.isdisjoint(waiters):  # cancelled or done by a caller
+                entry.waiters = waiters = [w for w in waiters if w not in stopped]
             if waiters:
                 entry.state = _RUNNING
+                entry.slot = True
                 live.append(entry)
             else:  # every caller of this key cancelled: do not send it
                 entry.state = _DONE
@@ -697,8 +744,6 @@ class _Core(Generic[K, V]):
             self._batches += 1
             self._keys += n
             self._running += n
-            for entry in live:
-                entry.slot = True
             if n > 1:
                 self._coalesced += n
             if n > self._largest:
