@@ -103,6 +103,20 @@ def _is_error(value: Any) -> bool:
     return issubclass(type(value), BaseException)
 
 
+def _join(entry: _Entry, waiter: Any) -> None:
+    """Add a waiter to an entry queued or running (called under the core's lock).
+
+    A one-waiter list may be shared by the new entries of one get_many call
+    (_get_many_plain), so it is copied, never appended to; a longer list is the entry's own.
+    Readers outside the lock (_tokens) see the old list or the new one, both consistent.
+    """
+    waiters = entry.waiters
+    if len(waiters) == 1:
+        entry.waiters = [waiters[0], waiter]
+    else:
+        waiters.append(waiter)
+
+
 def _collect(
     entry: _Entry, futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]
 ) -> None:
@@ -122,8 +136,8 @@ def _collect(
 def _tokens(chunk: list[_Entry]) -> list[object]:
     """The observer hook's tokens of a running chunk's callers, once each (for _hooks).
 
-    Read outside the lock: a running entry's waiters only ever grow by appends (callers
-    joining late), so the walk sees a consistent prefix of them.
+    Read outside the lock: a running entry's waiters only ever grow (callers joining late,
+    see _join), so the walk sees a consistent prefix of them.
     """
     seen: dict[int, object] = {}
     for entry in chunk:
@@ -271,7 +285,7 @@ class _Core(Generic[K, V]):
                     entry = self._enqueue_locked(key, ident, mkey, part, memo)
                 elif entry.state == _RUNNING:
                     fut.set_running_or_notify_cancel()
-                entry.waiters.append(fut)
+                _join(entry, fut)
                 fut._core = self
                 fut._entry = entry
                 if token is not None:
@@ -305,13 +319,13 @@ class _Core(Generic[K, V]):
                 fut: _LoadFuture[V] = _LoadFuture(self)
                 entry = entries.get(key)
                 if entry is None:
-                    entry = entries[key] = _Entry(key, key, key, None, fut)
+                    entry = entries[key] = _Entry(key, key, key, None, [fut])
                     queue.append(entry)
                 else:  # queued or running (plain: no cache, so never done)
                     self._deduplicated += 1
                     if entry.state == _RUNNING:
                         fut.set_running_or_notify_cancel()
-                    entry.waiters.append(fut)
+                    _join(entry, fut)
                 fut._entry = entry
                 if token is not None:
                     fut._token = token
@@ -348,7 +362,7 @@ class _Core(Generic[K, V]):
                     if entry is None:
                         entry = self._enqueue_locked(key, ident, mkey, part, memo)
                     if entry.state != _DONE:
-                        entry.waiters.append(latch)
+                        _join(entry, latch)
                         waited.append(entry)
                     seen[mkey] = entry
                 elif entry.state == _DONE:  # one rule for both paths: each cached load is a hit
@@ -388,14 +402,17 @@ class _Core(Generic[K, V]):
             self._deduplicated += len(keys) - len(unique)
             entries, queue = self._entries, self._queue.entries
             was_open = self._queue.held > 0
+            # One waiters list for all new entries of this call: a list per key would double
+            # the objects the garbage collector walks (_join copies it before adding to it).
+            waiters = [latch]
             for key in unique:
                 entry = entries.get(key)
                 if entry is None:
-                    entry = entries[key] = _Entry(key, key, key, None, latch)
+                    entry = entries[key] = _Entry(key, key, key, None, waiters)
                     queue.append(entry)
                 else:
                     self._deduplicated += 1
-                    entry.waiters.append(latch)
+                    _join(entry, latch)
                 unique[key] = entry
             latch.remaining = len(unique)
             if unique:

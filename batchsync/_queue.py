@@ -37,7 +37,12 @@ class Entry:
     )
 
     def __init__(
-        self, key: Any, ident: Hashable, mkey: Hashable, partition: Hashable, waiter: Any = None
+        self,
+        key: Any,
+        ident: Hashable,
+        mkey: Hashable,
+        partition: Hashable,
+        waiters: list[Any] | None = None,
     ) -> None:
         self.key = key
         self.ident = ident  # the key's identity (key_fn(key) or the key itself)
@@ -48,7 +53,9 @@ class Entry:
         self.failed = False
         self.slot = False  # counted in the core's slots and in-flight keys (until _finish)
         self.uncached = False  # a clear() came during its flight: do not cache its value
-        self.waiters: list[Any] = [] if waiter is None else [waiter]
+        # Who waits: futures and latches. A one-item list may be shared by several entries
+        # (the core's _join copies it before adding): replace it, never change it in place.
+        self.waiters: list[Any] = [] if waiters is None else waiters
 
 
 class Queue:
