@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import math
 import threading
@@ -405,27 +406,36 @@ class _Core(Generic[K, V]):
             # One waiters list for all new entries of this call: a list per key would double
             # the objects the garbage collector walks (_join copies it before adding to it).
             waiters = [latch]
-            for key in unique:
-                entry = entries.get(key)
-                if entry is None:
-                    entry = entries[key] = _Entry(key, key, key, None, waiters)
-                    queue.append(entry)
-                else:
-                    self._deduplicated += 1
-                    _join(entry, latch)
-                unique[key] = entry
-            latch.remaining = len(unique)
-            if unique:
+            if entries.keys().isdisjoint(unique):  # no key queued or running: all new
+                waited = [_Entry(key, key, key, None, waiters) for key in unique]
+                entries.update(zip(unique, waited, strict=True))
+                queue.extend(waited)
+            else:
+                waited = []
+                for key in unique:
+                    entry = entries.get(key)
+                    if entry is None:
+                        entry = entries[key] = _Entry(key, key, key, None, waiters)
+                        queue.append(entry)
+                    else:
+                        self._deduplicated += 1
+                        _join(entry, latch)
+                    waited.append(entry)
+            latch.remaining = len(waited)
+            if waited:
                 if self._queue.pushed(was_open, time.monotonic()):
                     self._cond.notify()
                 if not self._workers:
                     self._start_workers_locked()
-        if unique:
-            waited = list(unique.values())
-            self._wait(waited, latch, timeout)
-            for entry in waited:
-                if entry.failed:
-                    raise entry.value
+        if not waited:
+            return []
+        self._wait(waited, latch, timeout)
+        for entry in waited:
+            if entry.failed:
+                raise entry.value  # the first failed key's error, in key order
+        if len(waited) == len(keys):  # no key twice: waited is in key order
+            return [entry.value for entry in waited]
+        unique = dict(zip(unique, waited, strict=True))
         return [unique[key].value for key in keys]
 
     def _refuse_if_closed_locked(self) -> None:
@@ -893,16 +903,19 @@ class _Core(Generic[K, V]):
                 self._cond.notify_all()  # the last call in flight: the workers may end
             elif wake and self._queue.due:
                 self._cond.notify()  # a slot is free for the next due chunk
-            for i, entry in enumerate(chunk):
+            entries, cache_all = self._entries, self.cache_all
+            outcomes = values if error is None else itertools.repeat(error)
+            for entry, value in zip(chunk, outcomes, strict=error is None):
                 if entry.state == _DONE:
                     continue  # abandoned by close(timeout=...): its callers have their answer
-                value = error if error is not None else values[i]
                 entry.value = value
-                entry.failed = failed = error is not None or _is_error(value)
+                # type(), not isinstance(): see _is_error
+                entry.failed = failed = issubclass(type(value), BaseException)
                 entry.state = _DONE
-                if self._entries.get(entry.mkey) is entry:
-                    del self._entries[entry.mkey]
-                if self.cache_all and not failed and not entry.uncached:
+                mkey = entry.mkey
+                if entries.get(mkey) is entry:
+                    del entries[mkey]
+                if cache_all and not failed and not entry.uncached:
                     # setdefault: a prime() during the flight wins over the older value
                     self._cache.setdefault(entry.mkey, value)
                 waiters = entry.waiters
