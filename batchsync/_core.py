@@ -752,19 +752,25 @@ class _Core(Generic[K, V]):
         # Once running, a future can no longer be cancelled by its caller.
         futures = [w for entry in chunk for w in entry.waiters if type(w) is not _Latch]
         stopped = _start_all(futures) if futures else None
-        live = []
-        for entry in chunk:
-            waiters = entry.waiters
-            if stopped and not stopped.isdisjoint(waiters):  # cancelled or done by a caller
-                entry.waiters = waiters = [w for w in waiters if w not in stopped]
-            if waiters:
+        if not stopped:  # every entry has a waiter still: all of them run
+            live = chunk
+            for entry in chunk:
                 entry.state = _RUNNING
                 entry.slot = True
-                live.append(entry)
-            else:  # every caller of this key cancelled: do not send it
-                entry.state = _DONE
-                entry.failed = True
-                del self._entries[entry.mkey]
+        else:
+            live = []
+            for entry in chunk:
+                waiters = entry.waiters
+                if not stopped.isdisjoint(waiters):  # cancelled or finished by a caller
+                    entry.waiters = waiters = [w for w in waiters if w not in stopped]
+                if waiters:
+                    entry.state = _RUNNING
+                    entry.slot = True
+                    live.append(entry)
+                else:  # every caller of this key cancelled: do not send it
+                    entry.state = _DONE
+                    entry.failed = True
+                    del self._entries[entry.mkey]
         if live:
             n = len(live)
             self._active += 1
