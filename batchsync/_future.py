@@ -150,14 +150,8 @@ class LoadFuture(Future[V]):
         return self._state in _DONE_STATES
 
     def result(self, timeout: float | None = None) -> V:
-        if _UNLOCKED_READS and self._state == FINISHED:
-            exc = self._exception
-            if exc is None:
-                return self._result  # type: ignore[no-any-return]
-            try:
-                raise exc
-            finally:
-                del self  # the stdlib's care: no cycle through this frame in the traceback
+        if _UNLOCKED_READS and self._state == FINISHED and self._exception is None:
+            return self._result  # type: ignore[no-any-return]
         core, entry = self._core, self._entry
         if core is not None and entry is not None and not self.done():
             return core.block_on([entry], self.done, timeout, lambda: self._wait_result(timeout))
@@ -180,7 +174,7 @@ class LoadFuture(Future[V]):
         try:
             raise exc
         finally:
-            del self
+            del self  # the stdlib's care: no cycle through this frame in the traceback
 
     def _wait_exception(self, timeout: float | None) -> BaseException | None:
         self._await(timeout)
@@ -188,6 +182,8 @@ class LoadFuture(Future[V]):
 
     def _await(self, timeout: float | None) -> None:
         """Return once finished; raise CancelledError or the futures TimeoutError otherwise."""
+        if _UNLOCKED_READS and self._state == FINISHED:
+            return  # finished for good: no Condition needed
         with self._condition:
             if self._state not in _DONE_STATES:
                 self._condition.wait(timeout)
