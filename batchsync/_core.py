@@ -749,27 +749,36 @@ class _Core(Generic[K, V]):
     def _take_locked(self) -> list[_Entry]:
         """Take the next chunk of due entries, drop cancelled ones, mark the rest running."""
         chunk = self._queue.take()
-        # Once running, a future can no longer be cancelled by its caller.
-        futures = [w for entry in chunk for w in entry.waiters if type(w) is not _Latch]
+        live = chunk
+        futures: list[Any] = []  # once running, a future can no longer be cancelled
+        shared = None
+        for entry in chunk:
+            entry.state = _RUNNING
+            entry.slot = True
+            waiters = entry.waiters
+            if waiters is shared:
+                continue  # the one list of a get_many call's new entries: a latch
+            if len(waiters) == 1:
+                waiter = waiters[0]
+                if type(waiter) is _Latch:
+                    shared = waiters
+                else:
+                    futures.append(waiter)
+            else:
+                futures += [w for w in waiters if type(w) is not _Latch]
         stopped = _start_all(futures) if futures else None
-        if not stopped:  # every entry has a waiter still: all of them run
-            live = chunk
-            for entry in chunk:
-                entry.state = _RUNNING
-                entry.slot = True
-        else:
+        if stopped:  # some were cancelled or finished by their callers: keep the rest
             live = []
             for entry in chunk:
                 waiters = entry.waiters
-                if not stopped.isdisjoint(waiters):  # cancelled or finished by a caller
+                if not stopped.isdisjoint(waiters):
                     entry.waiters = waiters = [w for w in waiters if w not in stopped]
                 if waiters:
-                    entry.state = _RUNNING
-                    entry.slot = True
                     live.append(entry)
                 else:  # every caller of this key cancelled: do not send it
                     entry.state = _DONE
                     entry.failed = True
+                    entry.slot = False
                     del self._entries[entry.mkey]
         if live:
             n = len(live)
