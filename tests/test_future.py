@@ -91,10 +91,13 @@ def observe(make: Callable[[], Future[Any]], caplog: pytest.LogCaptureFixture) -
     seen += [outcome(lambda: f.set_result(8)), outcome(lambda: f.set_exception(ValueError()))]
     seen += [outcome(f.set_running_or_notify_cancel), outcome(f.cancel), outcome(f.result)]
 
+    def waited(fut: Future[Any]) -> bool:  # what wait() and as_completed() count as done
+        return fut in cf.wait([fut], timeout=0).done
+
     g = make()
-    seen += [outcome(g.cancel), outcome(g.cancel), state(g)]
+    seen += [outcome(g.cancel), outcome(g.cancel), state(g), waited(g)]
     seen += [outcome(g.result), outcome(g.exception), outcome(lambda: g.set_result(1))]
-    seen += [outcome(g.set_running_or_notify_cancel), state(g)]
+    seen += [outcome(g.set_running_or_notify_cancel), state(g), waited(g)]
 
     h = make()
     error = KeyError("k")
@@ -102,7 +105,8 @@ def observe(make: Callable[[], Future[Any]], caplog: pytest.LogCaptureFixture) -
         h.add_done_callback(lambda _: 1 / 0)  # logged, never raised
         h.add_done_callback(lambda x: calls.append(("after a raising one", x.exception() is error)))
         h.set_exception(error)
-    seen += [state(h), outcome(h.result), h.exception() is error, calls[-1]]
+        late = outcome(lambda: h.add_done_callback(lambda _: 1 / 0))  # done: runs, is logged
+    seen += [state(h), outcome(h.result), h.exception() is error, calls[-1], late, waited(h)]
     seen += [[(r.levelname, r.msg, r.exc_info and r.exc_info[0]) for r in caplog.records]]
     try:
         h.result()
