@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import math
 import threading
@@ -28,6 +29,10 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
 from . import _hooks
+from ._future import LoadFuture as _LoadFuture
+from ._future import resolve_all as _resolve_all
+from ._future import resolved as _resolved
+from ._future import start_all as _start_all
 from ._queue import DONE as _DONE
 from ._queue import QUEUED as _QUEUED
 from ._queue import RUNNING as _RUNNING
@@ -78,34 +83,6 @@ class _Latch:
         return False
 
 
-class _LoadFuture(Future[V]):
-    """The Future that ``load`` returns: waiting on it closes the window early.
-
-    It is a plain ``concurrent.futures.Future`` in every other respect. ``result()`` and
-    ``exception()`` first tell the batcher that somebody now waits for this key, so a lone
-    caller does not sit out the window, and, on a batchsync worker thread, run the batch
-    inline rather than wait for a worker that may be this thread.
-    """
-
-    _core: _Core[Any, V] | None = None
-    _entry: _Entry | None = None
-    _token: object = None  # the observer hook's token of this caller (_hooks)
-
-    def result(self, timeout: float | None = None) -> V:
-        core, entry = self._core, self._entry
-        if core is not None and entry is not None and not self.done():
-            return core.block_on([entry], self.done, timeout, lambda: Future.result(self, timeout))
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        core, entry = self._core, self._entry
-        if core is not None and entry is not None and not self.done():
-            return core.block_on(
-                [entry], self.done, timeout, lambda: Future.exception(self, timeout)
-            )
-        return super().exception(timeout)
-
-
 def _last_resort(what: str) -> None:
     """Report an error of the delivery machinery itself; never raises (not even if stderr is gone).
 
@@ -127,13 +104,18 @@ def _is_error(value: Any) -> bool:
     return issubclass(type(value), BaseException)
 
 
-def _resolved(value: Any, failed: bool) -> _LoadFuture[Any]:
-    fut: _LoadFuture[Any] = _LoadFuture()
-    if failed:
-        fut.set_exception(value)
+def _join(entry: _Entry, waiter: Any) -> None:
+    """Add a waiter to an entry queued or running (called under the core's lock).
+
+    A one-waiter list may be shared by the new entries of one get_many call
+    (_get_many_plain), so it is copied, never appended to; a longer list is the entry's own.
+    Readers outside the lock (_tokens) see the old list or the new one, both consistent.
+    """
+    waiters = entry.waiters
+    if len(waiters) == 1:
+        entry.waiters = [waiters[0], waiter]
     else:
-        fut.set_result(value)
-    return fut
+        waiters.append(waiter)
 
 
 def _collect(
@@ -155,8 +137,8 @@ def _collect(
 def _tokens(chunk: list[_Entry]) -> list[object]:
     """The observer hook's tokens of a running chunk's callers, once each (for _hooks).
 
-    Read outside the lock: a running entry's waiters only ever grow by appends (callers
-    joining late), so the walk sees a consistent prefix of them.
+    Read outside the lock: a running entry's waiters only ever grow (callers joining late,
+    see _join), so the walk sees a consistent prefix of them.
     """
     seen: dict[int, object] = {}
     for entry in chunk:
@@ -171,6 +153,16 @@ def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -
     """Resolve futures and open latches; called with no batchsync lock held. Never raises."""
     for latch in latches:
         latch.open()
+    try:
+        futures, called = _resolve_all(futures)
+    except BaseException:  # the loop below still resolves each future that is not done
+        _last_resort("resolving a batch of futures failed")
+        called = []
+    for finished in called:
+        try:
+            finished._invoke_callbacks()
+        except BaseException:  # a done-callback raised past Future's own `except Exception`
+            _last_resort("a future's done-callback raised")
     for fut, entry in futures:
         try:
             if entry.failed:
@@ -272,6 +264,8 @@ class _Core(Generic[K, V]):
 
     def load_many(self, keys: Sequence[K]) -> list[Future[V]]:
         """Queue keys and return one future per key, in order."""
+        if self.plain:
+            return self._load_many_plain(keys)
         idents = self.identities(keys)
         futures: list[Future[V]] = []
         memo = self._scope_memo()
@@ -292,7 +286,7 @@ class _Core(Generic[K, V]):
                     entry = self._enqueue_locked(key, ident, mkey, part, memo)
                 elif entry.state == _RUNNING:
                     fut.set_running_or_notify_cancel()
-                entry.waiters.append(fut)
+                _join(entry, fut)
                 fut._core = self
                 fut._entry = entry
                 if token is not None:
@@ -300,6 +294,48 @@ class _Core(Generic[K, V]):
                 futures.append(fut)
             if not self._workers and self._queue:
                 self._start_workers_locked()
+        return futures
+
+    def _load_many_plain(self, keys: Sequence[K]) -> list[Future[V]]:
+        """load_many without key_fn, partition or cache: the hot path, as one tight loop."""
+        try:
+            dict.fromkeys(keys)  # every key hashable, before anything is queued
+        except TypeError:
+            for key in keys:
+                self._identity(key, None)  # raises the TypeError that names the key
+            raise
+        futures: list[Future[V]] = []
+        append = futures.append
+        # [hook call site 1 of 4, plain] the caller's context, captured in the caller's thread.
+        hook = _hooks.installed
+        token = None if hook is None else hook.on_load(self.name, len(keys))
+        with self._lock:  # critical section: de-duplicate, queue
+            self._refuse_if_closed_locked()
+            self._loads += len(keys)
+            self._seen_locked(threading.get_ident())
+            entries, queue = self._entries, self._queue.entries
+            was_open = self._queue.held > 0
+            queued = len(queue)
+            for key in keys:
+                fut: _LoadFuture[V] = _LoadFuture(self)
+                entry = entries.get(key)
+                if entry is None:
+                    entry = entries[key] = _Entry(key, key, key, None, [fut])
+                    queue.append(entry)
+                else:  # queued or running (plain: no cache, so never done)
+                    self._deduplicated += 1
+                    if entry.state == _RUNNING:
+                        fut.set_running_or_notify_cancel()
+                    _join(entry, fut)
+                fut._entry = entry
+                if token is not None:
+                    fut._token = token
+                append(fut)
+            if len(queue) > queued:
+                if self._queue.pushed(was_open, time.monotonic()):
+                    self._cond.notify()  # the window opened (a worker times it) or is full
+                if not self._workers:
+                    self._start_workers_locked()
         return futures
 
     def get_many(self, keys: Sequence[K], timeout: float | None) -> list[V | None]:
@@ -327,7 +363,7 @@ class _Core(Generic[K, V]):
                     if entry is None:
                         entry = self._enqueue_locked(key, ident, mkey, part, memo)
                     if entry.state != _DONE:
-                        entry.waiters.append(latch)
+                        _join(entry, latch)
                         waited.append(entry)
                     seen[mkey] = entry
                 elif entry.state == _DONE:  # one rule for both paths: each cached load is a hit
@@ -367,27 +403,39 @@ class _Core(Generic[K, V]):
             self._deduplicated += len(keys) - len(unique)
             entries, queue = self._entries, self._queue.entries
             was_open = self._queue.held > 0
-            for key in unique:
-                entry = entries.get(key)
-                if entry is None:
-                    entry = entries[key] = _Entry(key, key, key, None, latch)
-                    queue.append(entry)
-                else:
-                    self._deduplicated += 1
-                    entry.waiters.append(latch)
-                unique[key] = entry
-            latch.remaining = len(unique)
-            if unique:
+            # One waiters list for all new entries of this call: a list per key would double
+            # the objects the garbage collector walks (_join copies it before adding to it).
+            waiters = [latch]
+            if entries.keys().isdisjoint(unique):  # no key queued or running: all new
+                waited = [_Entry(key, key, key, None, waiters) for key in unique]
+                entries.update(zip(unique, waited, strict=True))
+                queue.extend(waited)
+            else:
+                waited = []
+                for key in unique:
+                    entry = entries.get(key)
+                    if entry is None:
+                        entry = entries[key] = _Entry(key, key, key, None, waiters)
+                        queue.append(entry)
+                    else:
+                        self._deduplicated += 1
+                        _join(entry, latch)
+                    waited.append(entry)
+            latch.remaining = len(waited)
+            if waited:
                 if self._queue.pushed(was_open, time.monotonic()):
                     self._cond.notify()
                 if not self._workers:
                     self._start_workers_locked()
-        if unique:
-            waited = list(unique.values())
-            self._wait(waited, latch, timeout)
-            for entry in waited:
-                if entry.failed:
-                    raise entry.value
+        if not waited:
+            return []
+        self._wait(waited, latch, timeout)
+        for entry in waited:
+            if entry.failed:
+                raise entry.value  # the first failed key's error, in key order
+        if len(waited) == len(keys):  # no key twice: waited is in key order
+            return [entry.value for entry in waited]
+        unique = dict(zip(unique, waited, strict=True))
         return [unique[key].value for key in keys]
 
     def _refuse_if_closed_locked(self) -> None:
@@ -701,39 +749,43 @@ class _Core(Generic[K, V]):
     def _take_locked(self) -> list[_Entry]:
         """Take the next chunk of due entries, drop cancelled ones, mark the rest running."""
         chunk = self._queue.take()
-        live = []
+        live = chunk
+        futures: list[Any] = []  # once running, a future can no longer be cancelled
+        shared = None
         for entry in chunk:
+            entry.state = _RUNNING
+            entry.slot = True
             waiters = entry.waiters
-            cancelled = False
-            if len(waiters) != 1 or type(waiters[0]) is not _Latch:  # any futures?
-                for w in waiters:
-                    # Once running, a future can no longer be cancelled by its caller.
-                    if type(w) is _Latch:
-                        continue
-                    try:
-                        if not w.set_running_or_notify_cancel():
-                            cancelled = True
-                    except RuntimeError:  # completed by its own caller: skip it, serve the rest
-                        cancelled = True
-            if cancelled:
-                entry.waiters = waiters = [
-                    w for w in waiters if type(w) is _Latch or not w.done()
-                ]
-            if waiters:
-                entry.state = _RUNNING
-                live.append(entry)
-            else:  # every caller of this key cancelled: do not send it
-                entry.state = _DONE
-                entry.failed = True
-                del self._entries[entry.mkey]
+            if waiters is shared:
+                continue  # the one list of a get_many call's new entries: a latch
+            if len(waiters) == 1:
+                waiter = waiters[0]
+                if type(waiter) is _Latch:
+                    shared = waiters
+                else:
+                    futures.append(waiter)
+            else:
+                futures += [w for w in waiters if type(w) is not _Latch]
+        stopped = _start_all(futures) if futures else None
+        if stopped:  # some were cancelled or finished by their callers: keep the rest
+            live = []
+            for entry in chunk:
+                waiters = entry.waiters
+                if not stopped.isdisjoint(waiters):
+                    entry.waiters = waiters = [w for w in waiters if w not in stopped]
+                if waiters:
+                    live.append(entry)
+                else:  # every caller of this key cancelled: do not send it
+                    entry.state = _DONE
+                    entry.failed = True
+                    entry.slot = False
+                    del self._entries[entry.mkey]
         if live:
             n = len(live)
             self._active += 1
             self._batches += 1
             self._keys += n
             self._running += n
-            for entry in live:
-                entry.slot = True
             if n > 1:
                 self._coalesced += n
             if n > self._largest:
@@ -866,16 +918,19 @@ class _Core(Generic[K, V]):
                 self._cond.notify_all()  # the last call in flight: the workers may end
             elif wake and self._queue.due:
                 self._cond.notify()  # a slot is free for the next due chunk
-            for i, entry in enumerate(chunk):
+            entries, cache_all = self._entries, self.cache_all
+            outcomes = values if error is None else itertools.repeat(error)
+            for entry, value in zip(chunk, outcomes, strict=error is None):
                 if entry.state == _DONE:
                     continue  # abandoned by close(timeout=...): its callers have their answer
-                value = error if error is not None else values[i]
                 entry.value = value
-                entry.failed = failed = error is not None or _is_error(value)
+                # type(), not isinstance(): see _is_error
+                entry.failed = failed = issubclass(type(value), BaseException)
                 entry.state = _DONE
-                if self._entries.get(entry.mkey) is entry:
-                    del self._entries[entry.mkey]
-                if self.cache_all and not failed and not entry.uncached:
+                mkey = entry.mkey
+                if entries.get(mkey) is entry:
+                    del entries[mkey]
+                if cache_all and not failed and not entry.uncached:
                     # setdefault: a prime() during the flight wins over the older value
                     self._cache.setdefault(entry.mkey, value)
                 waiters = entry.waiters

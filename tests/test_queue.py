@@ -103,3 +103,25 @@ def test_clear_takes_everything_out() -> None:
     out = q.clear()
     assert keys(out) == [1, 2] and all(e.state == QUEUED for e in out)
     assert (len(q), q.due, q.held) == (0, 0, 0)
+
+
+def test_a_long_queue_is_taken_in_order_while_keys_keep_arriving() -> None:
+    # Taking moves a head index on and cuts the taken entries off now and then: the order
+    # and the counts must not notice.
+    q = Queue(window=1.0, max_batch_size=500, partitioned=False)
+    q.entries.extend(entry(k) for k in range(10_000))
+    q.pushed(False, now=0.0)
+    q.make_due()
+    taken: list[Any] = []
+    stored = []
+    for k in range(10_000, 10_020):
+        taken += keys(q.take())
+        stored.append(len(q.entries))
+        q.push(entry(k), now=0.0)  # held: a new window behind the due ones
+        assert len(q) == 10_000 - len(taken) + (k - 9_999)
+        assert q.held == k - 9_999 and q.due == 10_000 - len(taken)
+    assert taken == list(range(10_000)) and q.due == 0
+    assert min(stored) < 5_000, "the taken entries were cut off the list"
+    q.make_due()
+    assert keys(q.take()) == list(range(10_000, 10_020)) and len(q) == 0
+    assert q.entries == [] and q.head == 0
