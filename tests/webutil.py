@@ -113,7 +113,8 @@ def get(url: str, headers: Mapping[str, str] | None = None, timeout: float = 20.
             )
     except urllib.error.HTTPError as exc:
         with exc:
-            return Reply(exc.code, exc.read(), time.perf_counter() - started)
+            body = exc.read()
+            return Reply(exc.code, body, time.perf_counter() - started, dict(exc.headers))
 
 
 def fetch_all(
