@@ -226,6 +226,11 @@ def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -
             interrupt = None
 
 
+# _DROP_ENTRIES: a batch function that raises on a caller's thread (inline, or nested) leaves
+# a traceback whose user frame links (f_back) to every frame down to the caller's. Were the
+# entries still referenced there, the error would hold itself (entry.value) in a cycle until
+# the cyclic collector runs; so each frame on that path drops its entries on the way out.
+
 #: Passes of _finish over one chunk before the delivery path reports itself broken.
 _FINISH_ATTEMPTS = 8
 
@@ -497,9 +502,13 @@ class _Core(Generic[K, V]):
 
     def _wait(self, waited: list[_Entry], latch: _Latch, timeout: float | None) -> None:
         """Block until latch opens for the entries of one get_many call, or time out."""
-        if not self.block_on(
-            waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout), latch
-        ):
+        try:
+            ok = self.block_on(
+                waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout), latch
+            )
+        finally:
+            waited = []  # see _DROP_ENTRIES
+        if not ok:
             raise TimeoutError(f"batchsync: no result within {timeout} s")
 
     def _seen_locked(self, tid: int) -> None:
@@ -587,11 +596,14 @@ class _Core(Generic[K, V]):
         thread while a slot is free and the caller's own keys are still queued.
         """
         if _tls.worker or _tls.running:
-            if timeout is None:
-                self._help(entries, done)
-            else:  # leave on time: a worker runs the batch, this caller only waits
-                self._refuse_cycle(entries)
-                self.flush()
+            try:
+                if timeout is None:
+                    self._help(entries, done)
+                else:  # leave on time: a worker runs the batch, this caller only waits
+                    self._refuse_cycle(entries)
+                    self.flush()
+            finally:
+                entries = []  # see _DROP_ENTRIES
             return wait()
         scoped = _scope_memo.get() is not None
         if not scoped and all(e.state != _QUEUED for e in entries):
@@ -600,7 +612,10 @@ class _Core(Generic[K, V]):
         if scoped:
             _activity.change(0, 1)
         try:
-            self._before_wait(entries, timeout, tid, latch)
+            try:
+                self._before_wait(entries, timeout, tid, latch)
+            finally:
+                entries = []  # see _DROP_ENTRIES
             return wait()
         finally:
             if scoped:
@@ -630,35 +645,39 @@ class _Core(Generic[K, V]):
         first = True
         if inline and _too_deep():
             inline = False  # no room below for running and delivering a call: hand it over
-        while True:
-            while i < n and entries[i].state != _QUEUED:
-                i += 1
-            chunk = None
-            try:
-                with self._lock:  # critical section: the dispatch rule, take a chunk or hand over
-                    if first:
-                        self._waiting[tid] = self._waiting.get(tid, 0) + 1
-                        if latch is not None:
-                            latch.tid = tid
-                    first = False
-                    if i < n and self._queue.held and not self._company_locked(tid):
-                        self._queue.make_due()
-                    if self._queue.due and self._active < self.max_concurrency:
-                        if inline and i < n:
-                            chunk = self._take_locked()
-                        else:
-                            self._cond.notify()
-                if chunk is None:
-                    return
-                if chunk:
-                    self._run(chunk, wake=False)
-            except BaseException as exc:
-                while chunk and chunk[0].slot:  # _unrun itself may be interrupted: again
-                    try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
-                        self._unrun(chunk, exc)
-                    except BaseException:
-                        pass
-                raise
+        chunk: list[_Entry] | None = None
+        try:
+            while True:
+                while i < n and entries[i].state != _QUEUED:
+                    i += 1
+                chunk = None
+                try:
+                    with self._lock:  # critical section: the dispatch rule, take or hand over
+                        if first:
+                            self._waiting[tid] = self._waiting.get(tid, 0) + 1
+                            if latch is not None:
+                                latch.tid = tid
+                        first = False
+                        if i < n and self._queue.held and not self._company_locked(tid):
+                            self._queue.make_due()
+                        if self._queue.due and self._active < self.max_concurrency:
+                            if inline and i < n:
+                                chunk = self._take_locked()
+                            else:
+                                self._cond.notify()
+                    if chunk is None:
+                        return
+                    if chunk:
+                        self._run(chunk, wake=False)
+                except BaseException as exc:
+                    while chunk and chunk[0].slot:  # _unrun itself may be interrupted: again
+                        try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
+                            self._unrun(chunk, exc)
+                        except BaseException:
+                            pass
+                    raise
+        finally:
+            entries, chunk = [], None  # see _DROP_ENTRIES
 
     def _company_locked(self, tid: int) -> bool:
         """Return True when the open window should wait: someone may still add keys to it.
@@ -737,39 +756,43 @@ class _Core(Generic[K, V]):
         for ever). What remains after this runs on other threads, so the caller may wait.
         """
         me = threading.current_thread()
-        while not done():
-            if _too_deep():
-                raise RecursionError(
-                    f"batchsync: nested loads of {self.name!r} too deep to run another call"
-                )
-            chunk = None
-            try:
-                with self._lock:  # critical section: take a chunk to run on this thread
-                    self._queue.make_due()
-                    # A call nested in one of this Batcher's own calls (or on its own worker)
-                    # borrows the slot of the call it runs in; nested in another Batcher's
-                    # call it takes a free slot like anyone, so max_concurrency holds.
-                    if self._queue.due and (
-                        self._active < self.max_concurrency
-                        or me in self._workers
-                        or self._runs_here_locked()
-                    ):
-                        chunk = self._take_locked()
-                    elif self._queue.due:
-                        self._cond.notify()
-                if chunk is not None and chunk:
-                    self._run(chunk)
-            except BaseException as exc:
-                while chunk and chunk[0].slot:  # _unrun itself may be interrupted: again
-                    try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
-                        self._unrun(chunk, exc)
-                    except BaseException:
-                        pass
-                raise
-            if chunk is not None:
-                continue
-            self._refuse_cycle(entries)
-            return  # what is left runs on other threads: the caller waits for it
+        chunk: list[_Entry] | None = None
+        try:
+            while not done():
+                if _too_deep():
+                    raise RecursionError(
+                        f"batchsync: nested loads of {self.name!r} too deep to run another call"
+                    )
+                chunk = None
+                try:
+                    with self._lock:  # critical section: take a chunk to run on this thread
+                        self._queue.make_due()
+                        # A call nested in one of this Batcher's own calls (or on its own worker)
+                        # borrows the slot of the call it runs in; nested in another Batcher's
+                        # call it takes a free slot like anyone, so max_concurrency holds.
+                        if self._queue.due and (
+                            self._active < self.max_concurrency
+                            or me in self._workers
+                            or self._runs_here_locked()
+                        ):
+                            chunk = self._take_locked()
+                        elif self._queue.due:
+                            self._cond.notify()
+                    if chunk is not None and chunk:
+                        self._run(chunk)
+                except BaseException as exc:
+                    while chunk and chunk[0].slot:  # _unrun itself may be interrupted: again
+                        try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
+                            self._unrun(chunk, exc)
+                        except BaseException:
+                            pass
+                    raise
+                if chunk is not None:
+                    continue
+                self._refuse_cycle(entries)
+                return  # what is left runs on other threads: the caller waits for it
+        finally:
+            entries, chunk = [], None  # see _DROP_ENTRIES
 
     def _refuse_cycle(self, entries: list[_Entry]) -> None:
         """Raise BatchCycleError if this thread's own running call computes one of entries."""
@@ -843,6 +866,7 @@ class _Core(Generic[K, V]):
                 if chunk is None:
                     return
                 self._run(chunk)
+                chunk = None  # an idle worker holds no finished chunk (its keys, its error)
             except BaseException:  # _run delivers every error; this is a bug: keep serving
                 _last_resort(f"internal error in a worker of {self.name!r}")
 
@@ -958,37 +982,9 @@ class _Core(Generic[K, V]):
         """
         error: BaseException | None = None
         values: Sequence[Any] = ()
-        result: Any = None
         try:
-            running = _tls.running
-            if running is None:
-                running = _tls.running = []
             started = time.perf_counter()
-            try:
-                running.append(chunk)  # inside the try: an interrupt here pops it again
-                keys = [e.key for e in chunk]
-                # A fresh, empty context: the call serves many callers, so it must see none
-                # of their context variables (request scope, app context), wherever it runs.
-                context = contextvars.Context()
-                if self.partition_fn is not None:
-                    context.run(_partition.set, chunk[0].partition)
-                fn = self.batch_fn
-                if fn is None:
-                    fn = self._batch_fn_of_owner()
-                # [hook call site 4 of 4] the batch call, wrapped with its callers' tokens.
-                hook = _hooks.installed
-                if hook is None:
-                    result = context.run(fn, keys)
-                else:
-                    tokens = _tokens(chunk)
-                    part = chunk[0].partition
-                    result = context.run(hook.run_batch, self.name, keys, part, tokens, fn)
-                values = self._match(chunk, result)
-            except BaseException as exc:  # delivered to the chunk's callers, never fatal here
-                error = exc
-            finally:
-                if running and running[-1] is chunk:
-                    running.pop()
+            values, error = self._call(chunk)
             self._log(chunk, error, time.perf_counter() - started)
         except BaseException as exc:
             if error is None:
@@ -1015,7 +1011,42 @@ class _Core(Generic[K, V]):
                 # by reference counting, not left to the cyclic collector.
                 if error is not None:
                     _clear_own_frames(error)
-                chunk = values = error = result = None  # type: ignore[assignment]
+                chunk = values = error = None  # type: ignore[assignment]
+
+    def _call(self, chunk: list[_Entry]) -> tuple[Sequence[Any], BaseException | None]:
+        """Call the batch function for chunk: return (values, None) or ((), the error).
+
+        A frame of its own, finished when the chunk is delivered: the error's traceback
+        starts here, so _run can clear it (see _clear_own_frames) without losing the user's.
+        """
+        running = _tls.running
+        if running is None:
+            running = _tls.running = []
+        try:
+            running.append(chunk)  # inside the try: an interrupt here pops it again
+            keys = [e.key for e in chunk]
+            # A fresh, empty context: the call serves many callers, so it must see none
+            # of their context variables (request scope, app context), wherever it runs.
+            context = contextvars.Context()
+            if self.partition_fn is not None:
+                context.run(_partition.set, chunk[0].partition)
+            fn = self.batch_fn
+            if fn is None:
+                fn = self._batch_fn_of_owner()
+            # [hook call site 4 of 4] the batch call, wrapped with its callers' tokens.
+            hook = _hooks.installed
+            if hook is None:
+                result = context.run(fn, keys)
+            else:
+                tokens = _tokens(chunk)
+                part = chunk[0].partition
+                result = context.run(hook.run_batch, self.name, keys, part, tokens, fn)
+            return self._match(chunk, result), None
+        except BaseException as exc:  # delivered to the chunk's callers, never fatal here
+            return (), exc
+        finally:
+            if running and running[-1] is chunk:
+                running.pop()
 
     def _batch_fn_of_owner(self) -> Callable[[list[K]], Any]:
         """The batch function, a bound method held weakly (see _Core.__init__)."""

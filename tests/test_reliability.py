@@ -591,3 +591,349 @@ def test_a_storm_of_raising_signal_handlers_does_not_hang_the_batcher() -> None:
     assert b.get(7, timeout=T) == 70
     _until(lambda: b.stats().in_flight == 0 and b.stats().queued == 0, "a settled Batcher")
     b.close(timeout=T)
+
+
+# -- references and complexity (#23, #24, #7, #13) --------------------------------------------
+
+
+def test_a_batcher_owned_by_its_batch_methods_object_is_collected() -> None:  # 23
+    import gc
+    import weakref
+
+    class Repo:
+        def __init__(self) -> None:
+            self.users = Batcher(self._fetch, window=0)
+
+        def _fetch(self, keys: list[int]) -> list[int]:
+            return [k * 10 for k in keys]
+
+    repo = Repo()
+    assert repo.users.get(1, timeout=T) == 10
+    core = repo.users._core
+    workers = core.live_threads()
+    assert workers
+    ref = weakref.ref(repo)
+    del repo
+    gc.collect()
+    assert ref() is None
+    for w in workers:
+        w.join(T)
+    assert not core.live_threads()
+
+
+def test_a_method_batcher_still_sends_its_queue_when_collected() -> None:  # 23: the README
+    class Repo:
+        def fetch(self, keys: list[int]) -> list[int]:
+            return [k * 10 for k in keys]
+
+    b = Batcher(Repo().fetch, window=3600)  # the object lives only through the Batcher
+    fut = b.load(1)
+    del b  # collected by reference counting: the queue is still sent
+    assert fut.result(timeout=T) == 10
+
+
+class _Key:
+    """A weakly referenceable key, to see when the last reference to it goes."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return self.n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and other.n == self.n
+
+
+def test_a_failed_batch_leaves_no_reference_cycle_holding_its_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # 24
+    import gc
+    import weakref
+
+    monkeypatch.setattr(logging.getLogger("batchsync"), "disabled", True)  # records hold tbs
+
+    def fn(keys: list[_Key]) -> list[int]:
+        raise ValueError("boom")
+
+    with Batcher(fn, window=0) as b:
+        key = _Key(1)
+        ref = weakref.ref(key)
+        gc.disable()
+        try:
+            fut = b.load(key)
+            assert isinstance(fut.exception(timeout=T), ValueError)
+            del fut, key
+            _until(lambda: b.stats().in_flight == 0, "the finished call")
+            assert ref() is None, gc.get_referrers(ref())
+        finally:
+            gc.enable()
+
+
+@pytest.mark.parametrize("how", ["returned", "raised"])
+def test_many_failed_get_many_calls_do_not_grow_memory(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:  # 7 (and 24): counted without the cyclic collector
+    import gc
+
+    monkeypatch.setattr(logging.getLogger("batchsync"), "disabled", True)
+
+    def fn(keys: list[int]) -> list[Exception]:
+        if how == "raised":
+            raise ValueError("boom")
+        return [ValueError(k) for k in keys]
+
+    n = 100_000 if how == "returned" else 20_000
+    with Batcher(fn, window=0, inline=True) as b:
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(1000):
+                with contextlib.suppress(ValueError):
+                    b.get(i)
+            before = len(gc.get_objects())
+            for i in range(n):
+                with contextlib.suppress(ValueError):
+                    b.get(i)
+            grown = len(gc.get_objects()) - before
+        finally:
+            gc.enable()
+    assert grown < 1000, f"{grown} objects more after {n} failed loads"
+
+
+class _Part:
+    """A partition whose equality and hash calls are counted (each load makes a new one)."""
+
+    calls = 0
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        _Part.calls += 1
+        return self.n
+
+    def __eq__(self, other: object) -> bool:
+        _Part.calls += 1
+        return isinstance(other, _Part) and other.n == self.n
+
+
+def test_taking_partitioned_chunks_is_linear() -> None:  # 13: counted, not timed
+    from batchsync._queue import Entry, Queue
+
+    n, size = 20_000, 100
+    q = Queue(0.0, size, partitioned=True)
+    for i in range(n):
+        q.push(Entry(i, i, (i % 2, i), _Part(i % 2)), 0.0)
+    q.make_due()
+    _Part.calls = 0
+    sent = []
+    while q.due:
+        chunk = q.take()
+        assert 0 < len(chunk) <= size and len({e.partition.n for e in chunk}) == 1
+        sent.extend(e.key for e in chunk)
+    assert sorted(sent) == list(range(n)) and len(q) == 0
+    assert _Part.calls <= 3 * n, f"{_Part.calls} partition comparisons for {n} keys"
+
+
+def test_partitioned_get_many_of_many_keys_keeps_order_and_partitions() -> None:  # 13
+    calls: list[tuple[Any, list[int]]] = []
+
+    def fn(keys: list[int]) -> list[int]:
+        from batchsync import current_partition
+
+        calls.append((current_partition(), keys))
+        return [k * 10 for k in keys]
+
+    tenant = ["a"]
+    with Batcher(fn, partition=lambda: tenant[0], max_batch_size=100, window=3600) as b:
+        futs = b.load_many(range(250))
+        tenant[0] = "b"
+        futs += b.load_many(range(250, 300))
+        tenant[0] = "a"
+        assert b.get_many(range(300, 400), timeout=T) == [k * 10 for k in range(300, 400)]
+        assert [f.result(timeout=T) for f in futs] == [k * 10 for k in range(300)]
+    sizes = [(p, len(keys)) for p, keys in calls][:4]
+    assert sizes == [("a", 100), ("a", 100), ("a", 100), ("b", 50)]
+    for p, keys in calls:
+        assert all((k < 250 or k >= 300) == (p == "a") for k in keys)
+
+
+# -- faults inside the machinery (by construction) ----------------------------------------
+
+
+def _fault(monkeypatch: pytest.MonkeyPatch, obj: Any, name: str, fault: Any) -> list[int]:
+    """Patch obj.name to call fault() once (first call), then behave as before."""
+    real = getattr(obj, name)
+    fired: list[int] = []
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(1)
+            fault()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, patched)
+    return fired
+
+
+def _boom() -> None:
+    raise RuntimeError("internal step failed")
+
+
+@pytest.mark.parametrize("step", ["_take_locked", "_match", "_finish", "_log", "_deliver"])
+@pytest.mark.parametrize("waiter", ["load", "get_many"])
+def test_a_raising_internal_step_strands_nothing(
+    monkeypatch: pytest.MonkeyPatch, step: str, waiter: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchsync import _core
+
+    b = Batcher(lambda keys: [k * 10 for k in keys], window=3600, max_concurrency=2)
+    core = b._core
+    target: Any = _core if step == "_deliver" else core
+    fired = _fault(monkeypatch, target, step, _boom)
+    if waiter == "load":
+        futs = b.load_many([1, 2, 3])
+        b.flush()
+        outcomes = [f.exception(timeout=T) for f in futs]
+        assert all(o is None or isinstance(o, RuntimeError) for o in outcomes), outcomes
+    else:
+        t, out = _in_thread(lambda: b.get_many([1, 2, 3], timeout=T))
+        t.join(2 * T)
+        assert out and (out[0] == [10, 20, 30] or isinstance(out[0], RuntimeError)), out
+    assert fired
+    last = b.load(4)  # not get(): the helper thread counts as company for window=3600
+    b.flush()
+    assert last.result(timeout=T) == 40  # the workers live on
+    _settled(b)
+    s = b.stats()
+    assert s.keys == s.loads - s.cache_hits - s.deduplicated  # every load sent once
+    assert len(b._core.live_threads()) <= 2
+    b.close(timeout=T)
+    assert not b._core.live_threads()
+
+
+@pytest.mark.parametrize("step", ["_match", "_finish", "_log"])  # the steps outside the lock
+def test_an_internal_step_blocked_on_an_event_is_failed_by_close_timeout(
+    monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    from batchsync import BatcherClosed
+
+    entered, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        entered.set()
+        release.wait(T)
+
+    b = Batcher(lambda keys: [k * 10 for k in keys], window=0)
+    _fault(monkeypatch, b._core, step, block)
+    try:
+        fut = b.load(1)
+        assert entered.wait(T)
+        other = b.load(2)
+        b.close(timeout=0.1)
+        # Every future has its answer now, the blocked step's own keys included.
+        assert isinstance(other.exception(timeout=0), BatcherClosed)
+        assert fut.done()
+    finally:
+        release.set()
+    for w in b._core._workers:
+        w.join(T)
+    assert not b._core.live_threads()
+    _settled(b)
+
+
+# -- failed-batch logging (issue 10) ----------------------------------------------------------
+
+
+def test_the_failure_log_rule_counts_what_it_leaves_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchsync import _lograte
+
+    monkeypatch.setattr(_lograte, "interval", 10.0)
+    log = _lograte.FailureLog()
+    assert log.admit(100.0) == 0  # the first: logged
+    assert log.admit(101.0) is None
+    assert log.admit(109.9) is None
+    assert log.admit(110.0) == 2  # logged, with the count of those left out
+    assert log.admit(110.5) is None
+    monkeypatch.setattr(_lograte, "interval", 0.0)
+    assert log.admit(110.5) == 1
+    assert log.admit(110.5) == 0
+
+
+def test_set_failure_log_interval_checks_its_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchsync
+    from batchsync import _lograte
+
+    monkeypatch.setattr(_lograte, "interval", _lograte.DEFAULT_INTERVAL)
+    assert batchsync.set_failure_log_interval(0) == 10.0
+    assert batchsync.set_failure_log_interval(60) == 0.0
+    with pytest.raises(ValueError, match="must be a number >= 0, not -1"):
+        batchsync.set_failure_log_interval(-1)
+    with pytest.raises(TypeError, match="number of seconds, not '5'"):
+        batchsync.set_failure_log_interval("5")  # type: ignore[arg-type]
+
+
+def test_a_failing_batcher_logs_one_error_with_traceback_then_counts(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchsync import _lograte
+
+    monkeypatch.setattr(_lograte, "interval", 3600.0)
+
+    def fn(keys: list[int]) -> list[int]:
+        raise ValueError(f"down {keys}")
+
+    with caplog.at_level(logging.DEBUG, logger="batchsync"), Batcher(fn, name="db") as b:
+        for i in range(5):
+            with pytest.raises(ValueError):
+                b.get(i, timeout=T)
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1
+        assert errors[0].getMessage().startswith("batchsync db: batch of 1 keys failed after ")
+        assert errors[0].exc_info is not None and str(errors[0].exc_info[1]) == "down [0]"
+        left_out = [r for r in caplog.records if "left out by the rate limit" in r.getMessage()]
+        assert len(left_out) == 4 and all(r.levelno == logging.DEBUG for r in left_out)
+        assert all(r.exc_info is None for r in left_out)
+        monkeypatch.setattr(_lograte, "interval", 0.0)
+        with pytest.raises(ValueError):
+            b.get(9, timeout=T)
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2
+        assert "(4 more failed batches not logged since the previous record)" in (
+            errors[1].getMessage()
+        )
+        assert str(errors[1].exc_info[1]) == "down [9]"  # type: ignore[index]
+    with Batcher(fn, name="db") as other:  # another Batcher starts with its own first record
+        monkeypatch.setattr(_lograte, "interval", 3600.0)
+        with pytest.raises(ValueError):
+            other.get(1, timeout=T)
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 3
+
+
+class _RaisingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        raise RuntimeError("hostile filter")
+
+
+def test_a_logging_filter_that_raises_does_not_stall_the_batcher(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:  # 3, through a filter and with caplog's real handler attached
+    log = logging.getLogger("batchsync")
+    bad = _RaisingFilter()
+    log.addFilter(bad)
+
+    def fn(keys: list[int]) -> list[int]:
+        if 1 in keys:
+            raise ValueError("boom")
+        return [k * 10 for k in keys]
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="batchsync"), Batcher(fn, window=0) as b:
+            with pytest.raises(ValueError, match="boom"):
+                b.get(1, timeout=T)
+            assert b.get(2, timeout=T) == 20
+            _settled(b)
+    finally:
+        log.removeFilter(bad)
+    assert "hostile filter" in capsys.readouterr().err  # reported by the last resort
