@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from types import GeneratorType
 from typing import Any
 
@@ -319,7 +320,9 @@ class DeferredExecutionContext(_Base):  # type: ignore[misc]
         try:
             return future.result(timeout), None
         except Exception as error:  # the future's own, a CancelledError, or our timeout
-            if isinstance(error, TimeoutError) and not future.done():
+            # On Python 3.10 Future.result raises concurrent.futures.TimeoutError, which is
+            # the built-in TimeoutError only from 3.11 on.
+            if isinstance(error, (TimeoutError, FutureTimeoutError)) and not future.done():
                 return None, TimeoutError(
                     "batchsync.graphql: no value within the operation's timeout of "
                     f"{self.timeout} s"

@@ -7,7 +7,8 @@ inside ``batchsync.scope()`` (as the Flask and Django integrations open one per 
 three sequential levels of ``get()`` of a random key, then a random think time (0-2 ms)
 before its next request. The batch function sleeps 1 ms (a database round trip).
 
-Two loaders are compared, in the same run:
+Two loaders are compared, in the same run (the code: batchsync/demo/_sweep.py, which the
+demo's chart plots too):
   * batchsync: ``Batcher(fn, max_concurrency=4)``, every other option at its default
     (window 5 ms);
   * fixed window: the textbook design written below: keys wait in a dict and a timer sends
@@ -21,101 +22,11 @@ at T >= 8, batch calls per request at most 1.1x the fixed window's and p50 no hi
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
-import batchsync
-from batchsync import Batcher
-
-WINDOW = 0.005
-CALL = 0.001
-LEVELS = 3
-THINK = 0.002
-
-
-class Counted:
-    """The batch function: sleeps CALL seconds per call and counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.lock = threading.Lock()
-
-    def __call__(self, keys: list[int]) -> list[int]:
-        with self.lock:
-            self.calls += 1
-        time.sleep(CALL)
-        return keys
-
-
-class FixedWindow:
-    """The textbook batcher: keys wait in a dict; a timer sends them when the window closes."""
-
-    def __init__(self, fn: Callable[[list[int]], list[int]], window: float) -> None:
-        self.fn = fn
-        self.window = window
-        self.lock = threading.Lock()
-        self.pending: dict[int, list[Any]] = {}
-        self.timer: threading.Timer | None = None
-
-    def get(self, key: int) -> int:
-        done = threading.Event()
-        slot: list[Any] = [done, None]
-        with self.lock:
-            self.pending.setdefault(key, []).append(slot)
-            if self.timer is None:
-                self.timer = threading.Timer(self.window, self._send)
-                self.timer.daemon = True
-                self.timer.start()
-        done.wait()
-        return slot[1]  # type: ignore[no-any-return]
-
-    def _send(self) -> None:
-        with self.lock:
-            pending, self.pending, self.timer = self.pending, {}, None
-        keys = list(pending)
-        for key, value in zip(keys, self.fn(keys), strict=True):
-            for slot in pending[key]:
-                slot[1] = value
-                slot[0].set()
-
-
-def run(get: Callable[[int], Any], threads: int, seconds: float) -> tuple[list[float], float]:
-    """Serve requests from `threads` threads for `seconds`; return latencies and elapsed."""
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    start = threading.Barrier(threads + 1)
-    stop = threading.Event()
-
-    def serve(mine: list[float]) -> None:
-        rnd = random.Random()
-        start.wait()
-        while not stop.is_set():
-            began = time.perf_counter()
-            with batchsync.scope():
-                for _ in range(LEVELS):
-                    get(rnd.randrange(1_000_000))
-            mine.append(time.perf_counter() - began)
-            time.sleep(rnd.uniform(0, THINK))
-
-    workers = [threading.Thread(target=serve, args=(lat,)) for lat in latencies]
-    for w in workers:
-        w.start()
-    start.wait()
-    began = time.perf_counter()
-    time.sleep(seconds)  # the measured interval: the load runs for this long
-    stop.set()
-    for w in workers:
-        w.join()
-    return [x for lat in latencies for x in lat], time.perf_counter() - began
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+from batchsync.demo._sweep import CALL, LEVELS, THINK, WINDOW, Counted, sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2,4,8,16,32,64")
     parser.add_argument("--seconds", type=float, default=1.5, help="per design and T")
     args = parser.parse_args(argv)
-    sweep = [int(t) for t in args.threads.split(",")]
+    sweep_threads = [int(t) for t in args.threads.split(",")]
 
     bare_fn = Counted()
     bare = []
@@ -140,27 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"three bare batch-function calls: p50 {bare_p50:.2f} ms")
     print(f"{'T':>3} {'loader':<12} {'calls/req':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
     results: dict[tuple[int, str], tuple[float, float]] = {}
-    for t in sweep:
-        for design in ("batchsync", "fixed"):
-            fn = Counted()
-            if design == "batchsync":
-                b: Batcher[int, int] = Batcher(fn, window=WINDOW, max_concurrency=4)
-                with b:
-                    lat, elapsed = run(b.get, t, args.seconds)
-            else:
-                lat, elapsed = run(FixedWindow(fn, WINDOW).get, t, args.seconds)
-            per_req = fn.calls / len(lat)
-            p50 = pct(lat, 0.5)
-            results[(t, design)] = (per_req, p50)
-            print(f"{t:>3} {design:<12} {per_req:>9.2f} {p50:>8.2f} {pct(lat, 0.99):>8.2f} "
-                  f"{len(lat) / elapsed:>8.0f}")
+    found = sweep(sweep_threads, args.seconds)
+    for i, t in enumerate(sweep_threads):
+        for design, rows in found.items():
+            row = rows[i]
+            name = "batchsync" if design == "batchsync" else "fixed"
+            results[(t, name)] = (row["calls_per_request"], row["p50_ms"])
+            print(f"{t:>3} {name:<12} {row['calls_per_request']:>9.2f} {row['p50_ms']:>8.2f} "
+                  f"{row['p99_ms']:>8.2f} {row['requests_per_s']:>8.0f}")
     print("targets:")
     ok = True
     if (1, "batchsync") in results:
         ratio = results[(1, "batchsync")][1] / bare_p50
         ok &= ratio <= 1.2
         print(f"  T=1: p50 {ratio:.2f}x three bare calls (target <= 1.2x)")
-    for t in sweep:
+    for t in sweep_threads:
         if t < 8:
             continue
         (c_b, p_b), (c_f, p_f) = results[(t, "batchsync")], results[(t, "fixed")]

@@ -1,11 +1,14 @@
 """The demo's shop page as a Flask app, served naive (N+1 queries) and batched (3 queries).
 
-Run it (PostgreSQL from --dsn or $BATCHSYNC_PG_DSN; --create makes and fills the demo's
-shop tables there first, which needs ``pip install 'batchsync[demo]'``)::
+Run it (from a checkout: ``pip install -e ".[examples]"``)::
 
-    python examples/flask_shop.py --dsn postgresql:///shop --create
+    python examples/flask_shop.py
     curl localhost:8000/page/0/naive
     curl localhost:8000/page/0/batched
+
+Without a DSN it starts a private PostgreSQL with a fresh shop, as the demo does, and stops
+it on exit (Ctrl-C or SIGTERM). With ``--dsn`` (or $BATCHSYNC_PG_DSN) it serves that
+database; ``--create`` fills the demo's shop tables there unless they are there already.
 
 or with Flask's own server: ``BATCHSYNC_PG_DSN=... flask --app examples/flask_shop run``,
 or under gunicorn, forked workers and all (see the README, "Deploying with gunicorn")::
@@ -36,9 +39,9 @@ from typing import Any
 from flask import Flask, Response, abort
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
-from werkzeug.serving import make_server
 
 from batchsync import pg
+from batchsync.demo._examples import serve_example
 from batchsync.flask import BatchSync
 
 PAGE_SIZE = 50
@@ -171,9 +174,13 @@ def close_app(app: Flask) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: $BATCHSYNC_PG_DSN)")
+    parser.add_argument(
+        "--dsn", help="PostgreSQL DSN (default: $BATCHSYNC_PG_DSN, else a private server)"
+    )
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--create", action="store_true", help="create the demo's shop tables")
+    parser.add_argument(
+        "--create", action="store_true", help="create the demo's shop tables unless they exist"
+    )
     parser.add_argument("--pool-size", type=int, help="connections (default $SHOP_POOL_SIZE or 8)")
     parser.add_argument(
         "--prepare-threshold",
@@ -185,20 +192,7 @@ def main() -> None:
         os.environ["SHOP_POOL_SIZE"] = str(args.pool_size)
     if args.prepare_threshold is not None:
         os.environ["SHOP_PREPARE_THRESHOLD"] = args.prepare_threshold
-    if args.create:
-        from batchsync.demo._shop import create_shop
-
-        print(create_shop(args.dsn or os.environ["BATCHSYNC_PG_DSN"]))
-    app = create_app(args.dsn)
-    server = make_server("127.0.0.1", args.port, app, threaded=True)
-    print(f"serving on http://127.0.0.1:{server.server_port}/page/0/batched", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        close_app(app)
+    serve_example("flask_shop", args.dsn, args.create, args.port, create_app, close_app)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """The demo's shop page over Flask-SQLAlchemy models, served three ways with identical pages.
 
-Run it (PostgreSQL from --dsn or $BATCHSYNC_PG_DSN, a libpq DSN or URL; --create makes and
-fills the demo's shop tables there first, which needs ``pip install 'batchsync[demo]'``)::
+Run it (from a checkout: ``pip install -e ".[examples,sqlalchemy]" flask-sqlalchemy``)::
 
-    python examples/flask_sqlalchemy_shop.py --dsn postgresql:///shop --create
+    python examples/flask_sqlalchemy_shop.py
     curl localhost:8000/page/0/naive      # lazy relationships: 1 + 50 + (orders) statements
     curl localhost:8000/page/0/selectin   # selectinload: 3 statements
     curl localhost:8000/page/0/batched    # batchsync loaders: 3, shared by concurrent pages
     curl localhost:8000/page/0/detached   # the same, objects left detached (session=None)
+
+Without a DSN it starts a private PostgreSQL with a fresh shop, as the demo does, and stops
+it on exit (Ctrl-C or SIGTERM). With ``--dsn`` (or $BATCHSYNC_PG_DSN, a libpq DSN or URL) it
+serves that database; ``--create`` fills the demo's shop tables there unless they are there.
 
 A page shows 50 customers, their orders and the orders' items, as JSON (the same bytes as
 examples/flask_shop.py). The loaders are made with the app's ``db`` and shared by every
@@ -33,9 +36,9 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import ForeignKey, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
-from werkzeug.serving import make_server
 
 from batchsync import sqlalchemy as bs
+from batchsync.demo._examples import serve_example
 from batchsync.flask import BatchSync
 
 PAGE_SIZE = 50
@@ -232,24 +235,17 @@ def close_app(app: Flask) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: $BATCHSYNC_PG_DSN)")
+    parser.add_argument(
+        "--dsn", help="PostgreSQL DSN (default: $BATCHSYNC_PG_DSN, else a private server)"
+    )
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--create", action="store_true", help="create the demo's shop tables")
+    parser.add_argument(
+        "--create", action="store_true", help="create the demo's shop tables unless they exist"
+    )
     args = parser.parse_args()
-    if args.create:
-        from batchsync.demo._shop import create_shop
-
-        print(create_shop(args.dsn or os.environ["BATCHSYNC_PG_DSN"]))
-    app = create_app(args.dsn)
-    server = make_server("127.0.0.1", args.port, app, threaded=True)
-    print(f"serving on http://127.0.0.1:{server.server_port}/page/0/batched", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        close_app(app)
+    serve_example(
+        "flask_sqlalchemy_shop", args.dsn, args.create, args.port, create_app, close_app
+    )
 
 
 if __name__ == "__main__":

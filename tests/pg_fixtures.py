@@ -10,8 +10,12 @@ Loaded by ``tests/conftest.py`` with ``pytest_plugins = ["tests.pg_fixtures"]``.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,3 +132,44 @@ def pgbouncer(pg_stats_admin_dsn: str) -> Iterator[Pooler]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true and {reason}", pytrace=False)
         pytest.skip(reason)
+
+
+# -- for tests of what starts its own private server (the demo, the examples) ----------------
+
+
+@pytest.fixture
+def server_tmp() -> Iterator[Path]:
+    """A temporary directory (TMPDIR) for a process that starts its own private server.
+
+    As root, Debian's PostgreSQL runs as ``nobody`` (it refuses root), who cannot enter
+    pytest's tmp_path (mode 0700): this one is world-readable. Skipped without pgserver or
+    server binaries, except under ``CI=true``.
+    """
+    from batchsync.demo import _server
+
+    if _server.embedded_kind() == "none available":
+        _no_server("neither pgserver nor PostgreSQL's server binaries")
+    path = Path(tempfile.mkdtemp(prefix="batchsync-test-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def process_gone(pid: int) -> bool:
+    """True when process `pid` has ended (a zombie has: only its parent's reaping is left)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_gone(pids: list[int], seconds: float = 30.0) -> bool:
+    """Wait up to `seconds` for every process of `pids` to end; True when they all have."""
+    deadline = time.monotonic() + seconds
+    while not all(process_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # another process's exit: nothing to wait on but its pid
+    return all(process_gone(p) for p in pids)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from psycopg_pool import ConnectionPool  # noqa: E402
 
 from batchsync.demo import _cli, _measure, _server, _shop  # noqa: E402
 from batchsync.demo._measure import QueryCounter  # noqa: E402
+from tests.pg_fixtures import wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.pg
 
@@ -100,7 +104,8 @@ def test_json_output(pg_admin_dsn: str) -> None:
     assert report["identical_pages"] is True
     assert report["settings"]["threads"] == 2
     assert report["settings"]["rtt_simulated"] is False
-    assert "pages" in done.stderr  # the progress line
+    # stderr is a pipe here, not a terminal: no progress meter, no carriage returns.
+    assert "\r" not in done.stderr and "pages" not in done.stderr
 
 
 def test_rtt_and_plot(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> None:
@@ -113,20 +118,172 @@ def test_rtt_and_plot(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> None:
     assert chart.read_bytes().startswith(b"\x89PNG")
 
 
-def test_bad_arguments_and_an_unreachable_server_get_a_clear_error(capsys: Any) -> None:
-    for args, message in [
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["--threads", "0"], "--threads must be >= 1"),
-        (["--seconds", "0"], "--seconds must be > 0"),
-        (["--rtt", "-1"], "--rtt must be >= 0"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            _cli.main(args)
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+        (["--seconds", "0"], "--seconds must be a finite number > 0, not 0"),
+        (["--seconds", "nan"], "--seconds must be a finite number > 0, not nan"),
+        (["--seconds", "inf"], "--seconds must be a finite number > 0, not inf"),
+        (["--rtt", "-1"], "--rtt must be a number of milliseconds from 0 to 1000, not -1"),
+        (["--rtt", "nan"], "--rtt must be a number of milliseconds from 0 to 1000, not nan"),
+        (["--rtt", "inf"], "--rtt must be a number of milliseconds from 0 to 1000, not inf"),
+        (["--dsn", "host=x port"], '--dsn is not a valid PostgreSQL DSN (missing "="'),
+        (["--plot", "/nonexistent-dir/demo.png"], "the directory /nonexistent-dir does not exist"),
+        (["--plot", "demo.pnx"], "'.pnx' is not a chart format; use one of"),
+        (["--plot", "demo"], "no extension is not a chart format"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_any_work(
+    args: list[str], message: str, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No server is given or reachable: an argument check that came after any work would
+    # fail on the connection instead.
+    monkeypatch.setenv(_server.DSN_ENV, "postgresql://nobody@127.0.0.1:1/x")
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert err.startswith("python -m batchsync.demo: error: ")
+
+
+def test_a_plot_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "chart.png"
+    folder.mkdir()
+    assert _cli.check_plot_path(str(folder)) == f"--plot {folder}: is a directory"
+    assert _cli.check_plot_path(str(tmp_path / "chart.svg")) is None
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(
+    capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # not installed
+    monkeypatch.setenv(_server.DSN_ENV, "postgresql://nobody@127.0.0.1:1/x")
+    with pytest.raises(SystemExit):
+        _cli.main(["--plot", "demo.png"])
+    assert "error: --plot needs matplotlib: pip install -e '.[demo]'" in capsys.readouterr().err
+
+
+def test_an_unreachable_server_is_one_line(capsys: Any) -> None:
     # Port 1 on loopback: nothing listens there.
     assert _cli.main(["--dsn", "postgresql://nobody@127.0.0.1:1/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("batchsync demo: cannot use the database: connection failed")
+    assert err.count("\n") == 1, err
+
+
+@pytest.mark.timing
+def test_a_server_that_never_answers_times_out(capsys: Any) -> None:
+    # A real listening socket that accepts connections and never says a word.
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        dsn = f"postgresql://nobody@127.0.0.1:{port}/x?connect_timeout=2"
+        started = time.monotonic()
+        assert _cli.main(["--dsn", dsn]) == 2
+        took = time.monotonic() - started
+    assert took < 10
+    err = capsys.readouterr().err
+    assert err.startswith("batchsync demo: cannot use the database: connection timeout expired")
+
+
+def test_connect_timeout_is_added_unless_the_dsn_sets_one() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    added = conninfo_to_dict(_server.with_connect_timeout("postgresql://u@h/db"))
+    assert added["connect_timeout"] == str(_server.CONNECT_TIMEOUT)
+    kept = conninfo_to_dict(_server.with_connect_timeout("postgresql://u@h/db?connect_timeout=3"))
+    assert kept["connect_timeout"] == "3"  # the user's own setting wins
+
+
+def test_a_role_without_createdb_is_one_line(pg_admin_dsn: str, capsys: Any) -> None:
+    from psycopg.conninfo import make_conninfo
+
+    role = f"batchsync_nocreatedb_{os.getpid()}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD 'pw'")
+    try:
+        dsn = make_conninfo(pg_admin_dsn, user=role, password="pw")
+        assert _cli.main(["--dsn", dsn]) == 2
+    finally:
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE {role}")
+    err = capsys.readouterr().err
+    assert err == (
+        f"batchsync demo: the role '{role}' of the DSN cannot create databases: give a DSN of"
+        f" a role with CREATEDB (ALTER ROLE {role} CREATEDB), or no DSN for a private server\n"
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_embedded_server_without_a_traceback(
+    signum: int, server_tmp: Path
+) -> None:
+    """The demo on its own embedded server, its stderr a terminal (a pty): the meter shows;
+    SIGTERM or SIGINT, sent once the load runs, stops the server it started and removes
+    its directory, with one line and status 128 + the signal. (Python's default SIGTERM
+    ends the process at once and leaves the server running.)"""
+    _signal_the_demo(signum, server_tmp)
+
+
+def _signal_the_demo(signum: int, tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop(_server.DSN_ENV, None)
+    meter, terminal = pty.openpty()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "batchsync.demo", "--threads", "2", "--seconds", "60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    os.close(terminal)
+    try:
+        seen = b""
+        while b" pages" not in seen:  # the meter: the load phase runs
+            try:
+                chunk = os.read(meter, 4096)
+            except OSError:  # EIO: the demo closed the terminal, it has ended
+                chunk = b""
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+        assert b"\r" in seen
+        pids = [int(p.read_text().split()[0]) for p in tmp_path.rglob("postmaster.pid")]
+        assert len(pids) == 1, pids
+        demo.send_signal(signum)
+        demo.wait(60)
+        seen += _read_all(meter)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        assert demo.stdout is not None
+        demo.stdout.close()
+        os.close(meter)
+    assert demo.returncode == 128 + signum
+    err = seen.decode(errors="replace")
+    assert "Traceback" not in err, err
+    name = signal.Signals(signum).name
+    stopped = f"batchsync demo: stopped by {name}; everything it started is stopped"
+    assert err.rstrip().endswith(stopped), err
+    assert wait_gone(pids), f"the embedded server (pid {pids[0]}) still runs"
+    assert not list(tmp_path.glob("batchsync-*")), list(tmp_path.iterdir())
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the other end of the pty is closed
+            return out
+        if not chunk:
+            return out
+        out += chunk
 
 
 # -- counted by pg_stat_statements, directly and through PgBouncer ------------------------------
@@ -214,4 +371,16 @@ def test_the_demo_through_pgbouncer(pgbouncer: Any, capsys: Any) -> None:
     assert report["modes"]["naive"]["queries_per_page"] > 50
     text = _cli.format_report(report)
     assert "network: no delay added; through PgBouncer in transaction mode" in text
+    assert "direct connection" not in text
+
+
+@pytest.mark.timeout(120)
+def test_a_dsn_through_a_pooler_is_named_in_the_network_line(pgbouncer: Any, capsys: Any) -> None:
+    args = ["--dsn", pgbouncer.pooled, "--threads", "2", "--seconds", "0.2", "--json"]
+    assert _cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["pooler"].startswith("a pooler or proxy (the DSN names port")
+    assert report["identical_pages"] is True
+    text = _cli.format_report(report)
+    assert "network: no delay added; through a pooler or proxy" in text
     assert "direct connection" not in text

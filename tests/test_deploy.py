@@ -132,6 +132,7 @@ def test_preloaded_workers_through_pgbouncer_serve_only_right_pages(
     assert not [line for line in gunicorn.log() if "Traceback" in line or "ERROR" in line]
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(120)
 def test_a_worker_killed_with_sigkill_is_replaced_without_hangs(
     shop: Shop, gunicorn: Gunicorn

@@ -20,7 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
@@ -28,7 +28,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchsync import BatchCycleError, Batcher, BatcherClosed, BatchError, current_partition
+from batchsync import (
+    BatchCycleError,
+    Batcher,
+    BatcherClosed,
+    BatchError,
+    Stats,
+    current_partition,
+)
 
 # Generous bounds: they only fire on a hang, never in a healthy run.
 RESOLVE = 10.0
@@ -163,6 +170,7 @@ def test_random_failures_under_32_threads_resolve_every_future_with_its_own_outc
     fn = ChaosFn(seed=5)
     futures: list[list[tuple[int, Future[Any]]]] = [[] for _ in range(32)]
     got_many: list[list[tuple[list[int], list[Any] | BaseException]]] = [[] for _ in range(32)]
+    got_one: list[list[tuple[int, Any, BaseException | None]]] = [[] for _ in range(32)]
     with Batcher(fn, window=0.001, max_batch_size=16, max_concurrency=4, name="chaos") as b:
 
         def caller(i: int) -> None:
@@ -174,6 +182,12 @@ def test_random_failures_under_32_threads_resolve_every_future_with_its_own_outc
                         got_many[i].append((keys, b.get_many(keys, timeout=RESOLVE)))
                     except (WholeBatchFailed, KeyFailed, BatchError) as exc:
                         got_many[i].append((keys, exc))
+                elif n % 10 == 4:
+                    key = rng.randrange(200)
+                    try:
+                        got_one[i].append((key, b.get(key, timeout=RESOLVE), None))
+                    except (WholeBatchFailed, KeyFailed, BatchError) as exc:
+                        got_one[i].append((key, None, exc))
                 else:
                     key = rng.randrange(200)
                     futures[i].append((key, b.load(key)))
@@ -187,6 +201,9 @@ def test_random_failures_under_32_threads_resolve_every_future_with_its_own_outc
         for key, fut in per:
             error = fut.exception(0)
             check_outcome(fn, key, None if error else fut.result(0), error)
+    for per_one in got_one:
+        for key, value, error in per_one:
+            check_outcome(fn, key, value, error)
     for per_many in got_many:
         for keys, outcome in per_many:
             if isinstance(outcome, BaseException):
@@ -197,7 +214,8 @@ def test_random_failures_under_32_threads_resolve_every_future_with_its_own_outc
             else:
                 for key, value in zip(keys, outcome, strict=True):
                     check_outcome(fn, key, value, None)
-    assert stats.loads == 32 * 300 + 32 * 30 * 4
+    assert sum(map(len, got_one)) == 32 * 30
+    assert stats.loads == 32 * 300 + 32 * 30 * 4  # a get_many of five keys counts five loads
     assert stats.batches == len(fn.calls)
     assert stats.failed_batches == sum(m in ("raise", "length", "type") for m, _ in fn.calls)
     assert stats.batches < stats.loads / 3, stats
@@ -233,6 +251,7 @@ class Gate:
                 self.running -= 1
 
 
+@pytest.mark.timing
 def test_slow_batch_does_not_hold_up_new_windows_and_get_times_out_on_time() -> None:
     gate = Gate()
     with Batcher(gate, window=0.001, max_concurrency=3, name="slow") as b:
@@ -277,6 +296,7 @@ def test_slow_batch_does_not_hold_up_new_windows_and_get_times_out_on_time() -> 
 # -- 6. close() with 10,000 queued keys and batches in flight --------------------------------
 
 
+@pytest.mark.timing
 def test_close_with_timeout_fails_queued_and_stuck_keys_with_batcherclosed_in_time() -> None:
     gate = Gate()
     keys = [-k for k in range(1, 10_001)]  # every call blocks
@@ -330,6 +350,7 @@ def test_close_without_timeout_dispatches_10000_queued_keys_behind_batches_in_fl
 # -- 7. interpreter exit with queued keys ------------------------------------------------
 
 
+@pytest.mark.timing
 def test_interpreter_exit_dispatches_queued_keys_and_exits_promptly() -> None:
     start = time.monotonic()
     proc = run_python(
@@ -344,16 +365,39 @@ def test_interpreter_exit_dispatches_queued_keys_and_exits_promptly() -> None:
 
         b = Batcher(fn, window=60.0, eager=False, max_batch_size=400)
         futures = b.load_many(range(1000))  # 800 go at once in full batches, 200 wait
+        sys.stdout.write("exiting\\n")  # one write: a worker may be writing a batch now
+        sys.stdout.flush()
         """
     )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    sent = [int(k) for k in proc.stdout.split()]
-    assert sorted(sent) == list(range(1000))
+    lines = proc.stdout.splitlines()
+    assert lines.count("exiting") == 1, lines
+    at = lines.index("exiting")
+    sent = [int(k) for line in lines if line != "exiting" for k in line.split()]
+    assert sorted(sent) == list(range(1000))  # each key once
+    # The 200 held keys wait out a 60 s window: only the exit hook can have sent them.
+    sent_at_exit = [int(k) for line in lines[at + 1 :] for k in line.split()]
+    assert set(range(800, 1000)) <= set(sent_at_exit), lines
     assert elapsed < 15.0, elapsed
 
 
+def test_interpreter_exit_is_prompt_when_nothing_is_queued_and_a_worker_idles() -> None:
+    proc = run_python(
+        """
+        from batchsync import Batcher
+        b = Batcher(lambda keys: keys)
+        assert b.get(1) == 1
+        print("done")
+        """,
+        timeout=10,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done\n"
+
+
+@pytest.mark.timing
 def test_interpreter_exit_is_bounded_when_a_batch_function_hangs() -> None:
     start = time.monotonic()
     proc = run_python(
@@ -366,10 +410,12 @@ def test_interpreter_exit_is_bounded_when_a_batch_function_hangs() -> None:
         b = Batcher(lambda keys: never.wait(), window=60.0, eager=False)
         b.load(1)
         b.flush()
+        print("exiting", flush=True)
         """
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == "exiting\n"
     assert time.monotonic() - start < 15.0
 
 
@@ -410,8 +456,10 @@ def test_fork_while_batches_are_in_flight() -> None:
                 b.flush()
                 done, pending = wait(futures, timeout=10)
                 ok = not pending and [f.result() for f in futures] == [30, 20, 40]
+                # A lone blocking caller is dispatched at once: no company left from the parent.
+                ok = ok and b.get(6, timeout=10) == 60
                 mine = [keys for p, keys in calls if p == os.getpid()]
-                ok = ok and mine == [[3, 2, 4]]
+                ok = ok and mine == [[3, 2, 4], [6]]
                 # The parent's futures are never resolved in the child.
                 ok = ok and not in_flight.done() and not queued.done()
                 b.close(timeout=10)
@@ -604,6 +652,8 @@ def test_cancelled_queued_future_drops_its_key_and_disturbs_no_one() -> None:
         assert sent == [[2, 3]]  # 1 had no caller left; 2 still had one
         assert (shared_b.result(0), other.result(0)) == (2, 3)
         assert alone.cancelled() and shared_a.cancelled()
+        with pytest.raises(CancelledError):
+            alone.result(0)
         again = b.load(1)
         b.flush()
         assert again.result(RESOLVE) == 1  # the dropped key loads normally later
@@ -691,6 +741,7 @@ def test_no_value_crosses_partitions(
     assert len(got) == len(loads)
     for t, k, value in got:
         assert value == (t, k)
+    assert current_partition() is None  # outside a batch call
     for part, keys in calls:
         assert part in range(4) and len(keys) <= max_batch_size
 
@@ -711,7 +762,7 @@ def test_unhashable_key_is_refused_by_load_at_once() -> None:
             b.get_many([2, [1]])  # type: ignore[list-item]
         with pytest.raises(TypeError, match=r"^batchsync: key_fn returned an unhashable"):
             Batcher(ident, key_fn=lambda k: [k]).load(1)
-        assert b.stats().loads == 0  # nothing of the refused calls was queued
+        assert b.stats() == Stats()  # nothing of the refused calls was counted, queued or sent
 
 
 def test_none_is_an_ordinary_key() -> None:
@@ -761,15 +812,19 @@ def test_batch_fn_returning_a_non_sequence_fails_its_keys_with_batcherror(
 
 
 def test_wrong_length_names_both_lengths(caplog: pytest.LogCaptureFixture) -> None:
-    with (
-        Batcher(lambda keys: keys[:-1], name="short") as b,
-        pytest.raises(
-            BatchError,
-            match=r"^batchsync: batch function of 'short' returned 2 items for 3 keys; "
-            r"a Sequence result needs one item per key, in order$",
-        ),
-    ):
-        b.get_many([1, 2, 3], timeout=RESOLVE)
+    message = (
+        "batchsync: batch function of 'short' returned {} items for {} keys; "
+        "a Sequence result needs one item per key, in order"
+    )
+    with Batcher(lambda keys: keys[:-1], name="short") as b:
+        futures = b.load_many(["a", "b", "c"])
+        assert_resolved(futures)
+        errors = [f.exception(0) for f in futures]
+        assert type(errors[0]) is BatchError and str(errors[0]) == message.format(2, 3)
+        assert errors[1] is errors[0] and errors[2] is errors[0]  # one error for the call
+        with pytest.raises(BatchError) as info:
+            b.get_many([1, 2, 3, 4], timeout=RESOLVE)
+        assert str(info.value) == message.format(3, 4)
 
 
 def test_mapping_extra_keys_are_ignored_and_keys_of_another_type_are_missing() -> None:
@@ -936,6 +991,7 @@ def backend_running(conn: Any, tag: str, timeout: float = RESOLVE) -> int:
 
 
 @pytest.mark.pg
+@pytest.mark.timing
 def test_killed_backend_fails_its_batch_fast_and_the_pool_recovers(
     pg_pool: Any, pg_conn: Any
 ) -> None:
@@ -965,6 +1021,7 @@ def test_killed_backend_fails_its_batch_fast_and_the_pool_recovers(
 
 
 @pytest.mark.pg
+@pytest.mark.timing
 def test_lost_server_fails_loads_fast_and_they_succeed_after_recovery(
     pg_dsn: str, pg_proxy: Any
 ) -> None:
@@ -1025,6 +1082,7 @@ def test_lost_server_fails_loads_fast_and_they_succeed_after_recovery(
 
 
 @pytest.mark.pg
+@pytest.mark.timing
 def test_statement_timeout_fails_that_batch_only(pg_dsn: str, pg_conn: Any) -> None:
     import psycopg
     from psycopg_pool import ConnectionPool
@@ -1040,6 +1098,7 @@ def test_statement_timeout_fails_that_batch_only(pg_dsn: str, pg_conn: Any) -> N
     try:
         pool.wait(RESOLVE)
         with pg_loader(pool, "fault-timeout", sleep=5.0, max_concurrency=2) as loader:
+            started = time.monotonic()
             slow = loader.load_many([-1, -2])
             loader.flush()
             backend_running(pg_conn, "fault-timeout")  # the slow batch runs on its own
@@ -1047,6 +1106,7 @@ def test_statement_timeout_fails_that_batch_only(pg_dsn: str, pg_conn: Any) -> N
                 {"id": k, "v": k * 10} for k in (1, 2, 3)
             ]
             assert_resolved(slow, timeout=5.0)
+            assert time.monotonic() - started < 3.0  # cancelled at 0.3 s, not after the 5 s
             for f in slow:
                 error = f.exception(0)
                 assert type(error) is psycopg.errors.QueryCanceled
@@ -1056,33 +1116,3 @@ def test_statement_timeout_fails_that_batch_only(pg_dsn: str, pg_conn: Any) -> N
             assert (stats.batches, stats.failed_batches) == (3, 1)
     finally:
         pool.close()
-
-
-@pytest.mark.pg
-def test_loader_sql_without_key_placeholder_is_refused_at_construction(pg_pool: Any) -> None:
-    from batchsync import pg
-
-    with pytest.raises(
-        ValueError,
-        match=r"^sql has no placeholder %\(keys\)s for the batch's keys; "
-        r"write it as in 'WHERE id = ANY\(%\(keys\)s\)'$",
-    ):
-        pg.loader(pg_pool, "SELECT id FROM t WHERE id = 1", key="id")
-
-
-@pytest.mark.pg
-def test_loader_key_column_missing_from_result_fails_the_first_batch(pg_pool: Any) -> None:
-    from batchsync import pg
-
-    with pg.loader(
-        pg_pool, "SELECT k AS ident, 1 AS x FROM unnest(%(keys)s::int[]) AS k", key="id"
-    ) as loader:
-        futures = loader.load_many([1, 2])
-        loader.flush()
-        assert_resolved(futures)
-        for f in futures:
-            error = f.exception(0)
-            assert type(error) is BatchError
-            assert str(error) == (
-                "the query result has no column 'id' to take the key from (its columns: ident, x)"
-            )

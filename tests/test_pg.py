@@ -230,12 +230,17 @@ def test_unadaptable_key_fails_its_batch(pg_pool: ConnectionPool[Any]) -> None:
 
 @pytest.mark.usefixtures("tables")
 def test_key_column_not_in_result(pg_pool: ConnectionPool[Any]) -> None:
-    query = "SELECT name FROM people WHERE id = ANY(%(keys)s)"
-    with pg.loader(pg_pool, query, key="id") as people, pytest.raises(BatchError) as info:
-        people.get(1, timeout=10)
-    assert str(info.value) == (
-        "the query result has no column 'id' to take the key from (its columns: name)"
-    )
+    query = "SELECT name, 1 AS x FROM people WHERE id = ANY(%(keys)s)"
+    with pg.loader(pg_pool, query, key="id") as people:
+        futures = people.load_many([1, 2])
+        errors = [f.exception(10) for f in futures]
+        with pytest.raises(BatchError) as info:
+            people.get(3, timeout=10)
+    assert type(errors[0]) is BatchError and errors[1] is errors[0]  # one error for the call
+    for error in (errors[0], info.value):
+        assert str(error) == (
+            "the query result has no column 'id' to take the key from (its columns: name, x)"
+        )
 
 
 # --- failures -------------------------------------------------------------------
@@ -254,80 +259,7 @@ def test_statement_error_fails_its_batch_only(pg_pool: ConnectionPool[Any]) -> N
     assert (stats.batches, stats.failed_batches) == (2, 1)
 
 
-@pytest.mark.usefixtures("tables")
-def test_statement_timeout_then_a_good_batch(pg_dsn: str) -> None:
-    query = """
-        SELECT id, name FROM people, pg_sleep(CASE WHEN 5 = ANY(%(keys)s) THEN 5 ELSE 0 END)
-        WHERE id = ANY(%(keys)s)
-    """
-    kwargs = {"autocommit": True, "options": "-c statement_timeout=200"}
-    with (
-        ConnectionPool(pg_dsn, min_size=1, max_size=1, kwargs=kwargs, open=True) as pool,
-        pg.loader(pool, query, key="id") as people,
-    ):
-        started = time.monotonic()
-        slow = people.load(5)
-        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
-            slow.result(10)
-        assert time.monotonic() - started < 3
-        assert people.get(1, timeout=10) == {"id": 1, "name": "person 1"}
-
-
-def _active_backend(pg_conn: Any, marker: str, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = pg_conn.execute(
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()",
-            (f"%{marker}%",),
-        ).fetchone()
-        if row:
-            return int(row[0])
-        time.sleep(0.01)  # polling the server; it has nothing to wait on
-    raise AssertionError(f"no backend runs the query marked {marker!r}")
-
-
-@pytest.mark.usefixtures("tables")
-def test_terminated_backend_fails_its_batch_and_the_pool_recovers(
-    pg_pool: ConnectionPool[Any], pg_conn: Any
-) -> None:
-    marker = f"terminate_me_{secrets.token_hex(4)}"
-    query = f"""
-        SELECT id, name, '{marker}' AS marker
-        FROM people, pg_sleep(CASE WHEN 4 = ANY(%(keys)s) THEN 30 ELSE 0 END)
-        WHERE id = ANY(%(keys)s)
-    """
-    with pg.loader(pg_pool, query, key="id") as people:
-        victims = [people.load(4), people.load(1)]
-        pid = _active_backend(pg_conn, marker)
-        started = time.monotonic()
-        assert pg_conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
-        for future in victims:
-            with pytest.raises(psycopg.OperationalError):
-                future.result(5)
-        assert time.monotonic() - started < 5
-        assert people.get(2, timeout=10) == {"id": 2, "name": "person 2", "marker": marker}
-        assert people.stats().failed_batches == 1
-
-
-@pytest.mark.usefixtures("tables")
-def test_cut_network_fails_the_batch_and_restore_recovers(pg_dsn: str, pg_proxy: Proxy) -> None:
-    kwargs = {"autocommit": True, "connect_timeout": 2}
-    with (
-        ConnectionPool(
-            proxied_dsn(pg_dsn, pg_proxy.port), min_size=1, max_size=1, kwargs=kwargs, open=True
-        ) as pool,
-        pg.loader(pool, PEOPLE, key="id") as people,
-    ):
-        assert people.get(1, timeout=10) == {"id": 1, "name": "person 1"}
-        pg_proxy.cut()
-        with pytest.raises(psycopg.OperationalError):
-            people.get(2, timeout=10)
-        pg_proxy.restore()
-        pool.wait(10.0)
-        assert people.get(3, timeout=10) == {"id": 3, "name": "person 3"}
-
-
+@pytest.mark.timing
 def test_proxy_adds_round_trip_time(pg_dsn: str) -> None:
     from batchsync.demo._server import proxy_target
 

@@ -1,4 +1,4 @@
-"""The N+1 demo: ``python -m batchsync.demo`` (needs ``pip install 'batchsync[demo]'``).
+"""The N+1 demo: ``python -m batchsync.demo`` (needs ``pip install -e '.[demo]'``).
 
 It fills a small shop database on a real PostgreSQL (``--dsn``,
 ``$BATCHSYNC_PG_DSN`` or an embedded ``pgserver``) and serves a page of 50

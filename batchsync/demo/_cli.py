@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -17,12 +18,13 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from . import _measure, _server, _shop
+from . import _measure, _server, _shop, _signals, _sweep
 from ._pgbouncer import NoPgBouncer
 from ._pgbouncer import pgbouncer as pgbouncer_process
+from ._plot import check_plot_path, plot
 from ._proxy import proxy_process
 
-__all__ = ["main", "run"]
+__all__ = ["check_plot_path", "format_report", "main", "plot", "run"]
 
 MODES = ("naive", "batched", "bulk")
 
@@ -33,6 +35,11 @@ MODES = ("naive", "batched", "bulk")
 WINDOW = 0.002
 MAX_CONCURRENCY = 2
 MAX_POOL = 32
+# The load sweep plotted by --plot: threads, and seconds per design and thread count.
+SWEEP_THREADS = (1, 4, 16, 64)
+SWEEP_SECONDS = 0.4
+# A round trip of a second already makes the naive page take minutes.
+MAX_RTT_MS = 1000.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,28 +77,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo with command-line arguments `argv`; return the exit status."""
-    args = _parser().parse_args(argv)
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """Return what is wrong with the command line (one line), or None: before any work."""
     if args.threads < 1:
-        _parser().error("--threads must be >= 1")
-    if args.seconds <= 0:
-        _parser().error("--seconds must be > 0")
-    if args.rtt < 0:
-        _parser().error("--rtt must be >= 0")
+        return "--threads must be >= 1"
+    if not math.isfinite(args.seconds) or args.seconds <= 0:
+        return f"--seconds must be a finite number > 0, not {args.seconds:g}"
+    if not math.isfinite(args.rtt) or not 0 <= args.rtt <= MAX_RTT_MS:
+        return f"--rtt must be a number of milliseconds from 0 to {MAX_RTT_MS:g}, not {args.rtt:g}"
+    if args.dsn is not None:
+        wrong = _server.check_dsn(args.dsn)
+        if wrong:
+            return f"--dsn is {wrong}"
+    elif os.environ.get(_server.DSN_ENV):
+        wrong = _server.check_dsn(os.environ[_server.DSN_ENV])
+        if wrong:
+            return f"${_server.DSN_ENV} is {wrong}"
+    if args.plot is not None:
+        return check_plot_path(args.plot)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo with command-line arguments `argv`; return the exit status.
+
+    Bad arguments (and a --plot the run could not save) end it before any work with one
+    line and status 2; SIGTERM and SIGINT stop whatever it started (servers, pooler,
+    proxy) and end it with 128 + the signal, without a traceback.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    wrong = _check_arguments(args)
+    if wrong:  # one line, as argparse's own errors end, without the usage above it
+        parser.exit(2, f"{parser.prog}: error: {wrong}\n")
     try:
-        report = run(
-            dsn=args.dsn,
-            threads=args.threads,
-            seconds=args.seconds,
-            rtt_ms=args.rtt,
-            pgbouncer=args.pgbouncer,
-        )
+        with _signals.stop_on_signals():
+            report = run(
+                dsn=args.dsn,
+                threads=args.threads,
+                seconds=args.seconds,
+                rtt_ms=args.rtt,
+                pgbouncer=args.pgbouncer,
+            )
+    except _signals.Stopped as exc:
+        print(f"batchsync demo: {exc}; everything it started is stopped", file=sys.stderr)
+        return exc.exit_code
     except (_server.NoServer, NoPgBouncer, _measure.CannotCount) as exc:
-        print(f"batchsync demo: {exc}", file=sys.stderr)
+        print(f"batchsync demo: {_server.one_line(exc)}", file=sys.stderr)
         return 2
-    except psycopg.OperationalError as exc:
-        print(f"batchsync demo: cannot use the database: {exc}", file=sys.stderr)
+    except psycopg.Error as exc:
+        print(f"batchsync demo: cannot use the database: {_server.one_line(exc)}", file=sys.stderr)
         return 2
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -99,6 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sys.stdout.write(format_report(report))
     if args.plot:
+        try:
+            with _signals.stop_on_signals():
+                # The chart's load-sweep panels: the dispatch rule against a fixed window,
+                # on an in-memory batch function (no database), a few seconds in all.
+                report["sweep"] = _sweep.sweep(SWEEP_THREADS, SWEEP_SECONDS)
+        except _signals.Stopped as exc:
+            print(f"batchsync demo: {exc}; no chart saved", file=sys.stderr)
+            return exc.exit_code
         plot(report, args.plot)
         print(f"chart saved to {args.plot}", file=sys.stderr)
     return 0
@@ -114,13 +157,16 @@ def _shop_database(
     """
     with ExitStack() as stack:
         given = dsn or os.environ.get(_server.DSN_ENV)
+        if given:
+            given = _server.with_connect_timeout(given)
+            _server.check_admin(given)
         if pgbouncer and not given:
             # Exact counts through a pooler need pg_stat_statements, which pgserver lacks.
             admin = stack.enter_context(_server.local_cluster(preload=["pg_stat_statements"]))
             label = "private cluster with pg_stat_statements"
         else:
-            admin = stack.enter_context(_server.server(dsn))
-            label = "given DSN" if given else "embedded pgserver"
+            label = "given DSN" if given else _server.embedded_kind()
+            admin = stack.enter_context(_server.server(given))
         db = stack.enter_context(_server.scratch_database(admin, "batchsync_demo"))
         counts = _shop.create_shop(db)
         facts: dict[str, Any] = {"server": label}
@@ -317,34 +363,3 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
-
-
-def plot(report: dict[str, Any], path: str) -> None:
-    """Save a bar chart of the report's figures to `path` (needs matplotlib)."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'batchsync[demo]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = report["modes"]
-    s = report["settings"]
-    panels = [
-        ("queries per page", "queries_per_page"),
-        ("time per page, 1 thread (ms)", "single_page_ms"),
-        (f"requests/s, {s['threads']} threads", "requests_per_s"),
-        (f"p99 latency, {s['threads']} threads (ms)", "p99_ms"),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.6))
-    colors = ["#c0504d", "#4f81bd", "#9bbb59"]
-    for ax, (title, field) in zip(axes, panels, strict=True):
-        values = [modes[m][field] for m in MODES]
-        bars = ax.bar(MODES, values, color=colors)
-        ax.bar_label(bars, fmt="%.4g", fontsize=8)
-        ax.set_title(title, fontsize=10)
-    network = f"simulated +{s['rtt_ms']:g} ms RTT" if s["rtt_simulated"] else "no added RTT"
-    fig.suptitle(f"batchsync N+1 demo ({network})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -170,6 +170,13 @@ def single_page_ms(
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 @dataclass
 class LoadResult:
     """What a load phase measured."""
@@ -200,8 +207,8 @@ def load_phase(
     """Run `threads` threads that each serve pages for `seconds`; return what they measured.
 
     Each thread picks its pages with its own seeded Random. A progress line is
-    written to `progress` while the phase runs. An exception in a thread stops
-    the phase and is raised here.
+    written to `progress` while the phase runs, when `progress` is a terminal. An
+    exception in a thread stops the phase and is raised here.
     """
     latencies: list[list[float]] = [[] for _ in range(threads)]
     errors: list[BaseException] = []
@@ -232,19 +239,29 @@ def load_phase(
     started = time.perf_counter()
     deadline[0] = started + seconds
     start_line.wait()
-    while any(w.is_alive() for w in workers):
-        done = sum(len(lat) for lat in latencies)
-        elapsed = time.perf_counter() - started
-        progress.write(
-            f"\r  {label:<8} {min(elapsed, seconds):5.1f}/{seconds:g} s  {done:7d} pages"
-        )
-        progress.flush()
-        time.sleep(0.1)
-    for worker in workers:
-        worker.join()
+    # The meter rewrites one line with carriage returns: only a terminal shows it as such;
+    # in a log or a pipe it would be noise.
+    meter = _isatty(progress)
+    try:
+        while any(w.is_alive() for w in workers):
+            if meter:
+                done = sum(len(lat) for lat in latencies)
+                elapsed = time.perf_counter() - started
+                progress.write(
+                    f"\r  {label:<8} {min(elapsed, seconds):5.1f}/{seconds:g} s  {done:7d} pages"
+                )
+                progress.flush()
+            time.sleep(0.1)  # the meter's refresh; the workers end on their own deadline
+    finally:
+        # Also on the way out of an interrupt (SIGINT, SIGTERM): the workers stop at their
+        # next page, before the caller's cleanup stops the server under them.
+        deadline[0] = 0.0
+        for worker in workers:
+            worker.join()
+        if meter:
+            progress.write("\r" + " " * 60 + "\r")
+            progress.flush()
     elapsed = max(finished) - started
-    progress.write("\r" + " " * 60 + "\r")
-    progress.flush()
     if errors:
         raise errors[0]
     flat = [t for lat in latencies for t in lat]

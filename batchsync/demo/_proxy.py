@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -269,6 +270,10 @@ def main() -> None:
     group.add_argument("--tcp", help="forward to HOST:PORT")
     ap.add_argument("--rtt", type=float, default=0.0, help="milliseconds per round trip")
     args = ap.parse_args()
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides when this
+    # proxy stops (it closes our stdin), and a KeyboardInterrupt here would only print a
+    # traceback over the parent's clean exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     target: str | tuple[str, int]
     if args.unix:
         target = args.unix

@@ -30,18 +30,28 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 __all__ = [
+    "CONNECT_TIMEOUT",
     "DSN_ENV",
     "NoServer",
+    "check_admin",
+    "check_dsn",
+    "embedded_kind",
     "find_pg_bindir",
     "intermediary",
     "local_cluster",
+    "one_line",
     "proxied_dsn",
     "proxy_target",
     "scratch_database",
     "server",
+    "with_connect_timeout",
 ]
 
 DSN_ENV = "BATCHSYNC_PG_DSN"
+
+# Seconds a connection attempt may take, unless the DSN sets its own connect_timeout: a
+# server that accepts the connection and never answers must not hang the demo.
+CONNECT_TIMEOUT = 10
 
 
 class NoServer(RuntimeError):
@@ -87,6 +97,57 @@ def server(dsn: str | None = None) -> Iterator[str]:
             embedded.cleanup()
     finally:
         shutil.rmtree(pgdata, ignore_errors=True)
+
+
+def embedded_kind() -> str:
+    """Describe the server `server()` starts when it is given no DSN."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver  # noqa: F401
+    except ImportError:
+        bindir = find_pg_bindir()
+        return f"private cluster of {bindir}" if bindir else "none available"
+    return "embedded pgserver"
+
+
+def check_dsn(dsn: str) -> str | None:
+    """Return why `dsn` is not a PostgreSQL DSN (one line), or None when it parses."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        return f"not a valid PostgreSQL DSN ({one_line(exc)})"
+    return None
+
+
+def with_connect_timeout(dsn: str, seconds: int = CONNECT_TIMEOUT) -> str:
+    """Return `dsn` with ``connect_timeout`` = `seconds`, unless it sets its own."""
+    if conninfo_to_dict(dsn).get("connect_timeout"):
+        return dsn
+    return make_conninfo(dsn, connect_timeout=str(seconds))
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line (psycopg's connection errors span several)."""
+    text = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+def check_admin(dsn: str) -> None:
+    """Raise NoServer (one line) unless the role of `dsn` can create databases.
+
+    The demo and the tests create a database of their own on the server they are given.
+    """
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        row = conn.execute(
+            "SELECT rolname, rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+    if row is None or not row[1]:
+        role = row[0] if row else "?"
+        raise NoServer(
+            f"the role {role!r} of the DSN cannot create databases: give a DSN of a role with"
+            f" CREATEDB (ALTER ROLE {role} CREATEDB), or no DSN for a private server"
+        )
 
 
 def find_pg_bindir() -> str | None:
@@ -144,6 +205,9 @@ def local_cluster(
             cwd=base,
             timeout=120,
             check=False,
+            # Its own session: Ctrl-C in a terminal goes to the whole foreground process
+            # group, and the server must stop when the demo's cleanup says so, not before.
+            start_new_session=True,
         )
         if done.returncode != 0:
             tail = ""

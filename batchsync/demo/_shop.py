@@ -28,6 +28,7 @@ __all__ = [
     "Page",
     "bulk_page",
     "create_shop",
+    "ensure_shop",
     "naive_page",
     "page_ids",
 ]
@@ -118,6 +119,33 @@ def create_shop(dsn: str, customers: int = CUSTOMERS, seed: int = SEED) -> dict[
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE")
     return counts
+
+
+def ensure_shop(dsn: str) -> tuple[dict[str, int], bool]:
+    """Create and fill the shop in the database of `dsn` unless it is there already.
+
+    Return (row counts, created). A database that already has the shop's ``customers``
+    table is left as it is (so ``--create`` may be given on every start); one that has only
+    some of the shop's tables is refused with ValueError rather than half overwritten.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT to_regclass('customers') IS NOT NULL, to_regclass('orders') IS NOT NULL,"
+            " to_regclass('order_items') IS NOT NULL"
+        ).fetchone()
+        present = list(row) if row else [False, False, False]
+        if all(present):
+            counts = {}
+            for table in ("customers", "orders", "order_items"):
+                found = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+                counts[table] = int(found[0]) if found else 0
+            return counts, False
+    if any(present):
+        raise ValueError(
+            "the database has some of the shop's tables (customers, orders, order_items)"
+            " but not all: drop them or use another database"
+        )
+    return create_shop(dsn), True
 
 
 def page_ids(number: int, customers: int = CUSTOMERS) -> list[int]:

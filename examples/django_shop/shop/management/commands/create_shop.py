@@ -1,4 +1,4 @@
-"""manage.py create_shop: create and fill the demo's shop tables (needs batchsync[demo])."""
+"""manage.py create_shop: create and fill the demo's shop tables, unless they are there."""
 
 from typing import Any
 
@@ -10,6 +10,7 @@ class Command(BaseCommand):
     help = "Create and fill the shop tables of batchsync's demo in the shop database."
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from batchsync.demo._shop import create_shop
+        from batchsync.demo._shop import ensure_shop
 
-        self.stdout.write(f"created {create_shop(settings.SHOP_DSN)}")
+        counts, created = ensure_shop(settings.SHOP_DSN)
+        self.stdout.write(f"{'created' if created else 'already there'}: {counts}")
