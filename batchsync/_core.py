@@ -220,10 +220,15 @@ def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -
             if interrupt is None:
                 interrupt = exc
     if interrupt is not None:
-        try:
-            raise interrupt
-        finally:
-            interrupt = None
+        _reraise(interrupt)
+
+
+def _reraise(exc: BaseException) -> None:
+    """Raise exc, without this frame holding it (no cycle exception -> traceback -> frame)."""
+    try:
+        raise exc
+    finally:
+        del exc
 
 
 # _DROP_ENTRIES: a batch function that raises on a caller's thread (inline, or nested) leaves
@@ -1140,10 +1145,7 @@ class _Core(Generic[K, V]):
                     if interrupt is None:
                         interrupt = exc
         if interrupt is not None:
-            try:
-                raise interrupt
-            finally:
-                interrupt = None
+            _reraise(interrupt)
 
     def _match(self, chunk: list[_Entry], result: object) -> Sequence[Any]:
         """Return one value (or exception instance) per entry; BatchError on a broken contract."""

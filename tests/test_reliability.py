@@ -753,8 +753,8 @@ def test_partitioned_get_many_of_many_keys_keeps_order_and_partitions() -> None:
         tenant[0] = "a"
         assert b.get_many(range(300, 400), timeout=T) == [k * 10 for k in range(300, 400)]
         assert [f.result(timeout=T) for f in futs] == [k * 10 for k in range(300)]
-    sizes = [(p, len(keys)) for p, keys in calls][:4]
-    assert sizes == [("a", 100), ("a", 100), ("a", 100), ("b", 50)]
+    assert all(0 < len(keys) <= 100 for _, keys in calls)
+    assert sorted(k for _, keys in calls for k in keys) == list(range(400))  # each key once
     for p, keys in calls:
         assert all((k < 250 or k >= 300) == (p == "a") for k in keys)
 
