@@ -5,6 +5,7 @@ them all with one bulk call of your batch function.
 """
 
 from ._batcher import Batcher, aload, batched
+from ._lograte import set_failure_log_interval
 from ._scope import current_partition, in_scope, scope
 from ._stats import Stats, stats_by_name
 from .errors import BatchCycleError, BatcherClosed, BatchError, BatchsyncError, ForkedPoolError
@@ -25,5 +26,6 @@ __all__ = [
     "current_partition",
     "in_scope",
     "scope",
+    "set_failure_log_interval",
     "stats_by_name",
 ]

@@ -121,10 +121,13 @@ class Batcher(Generic[K, V]):
             inline=_check_bool("inline", inline),
             name=name,
         )
+        # The core holds a bound method weakly (so that an object owning a Batcher of its
+        # own method can be collected); this reference keeps it alive as long as the Batcher.
+        self._batch_fn = batch_fn
         _lifecycle.register(self._core)
         # Worker threads hold the core, not the Batcher: when the Batcher is collected, its
         # queue is sent and its workers end. The exit hook closes live cores itself.
-        weakref.finalize(self, self._core.close_nowait).atexit = False
+        weakref.finalize(self, self._core.collected).atexit = False
 
     @property
     def name(self) -> str:

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 import logging
 import math
+import sys
 import threading
 import time
+import types
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
-from . import _hooks
+from . import _hooks, _lograte
 from ._future import LoadFuture as _LoadFuture
-from ._future import resolve_all as _resolve_all
 from ._future import resolved as _resolved
-from ._future import start_all as _start_all
 from ._queue import DONE as _DONE
 from ._queue import QUEUED as _QUEUED
 from ._queue import RUNNING as _RUNNING
@@ -74,7 +74,11 @@ class _Latch:
         self._lock.acquire()
 
     def open(self) -> None:
-        self._lock.release()
+        # Idempotent: a delivery interrupted (a signal handler raising) is done again.
+        try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
+            self._lock.release()
+        except RuntimeError:
+            pass
 
     def wait(self, timeout: float | None) -> bool:
         if self._lock.acquire(timeout=-1 if timeout is None else timeout):
@@ -96,6 +100,19 @@ def _last_resort(what: str) -> None:
         sys.stderr.write(f"batchsync: {what}\n{traceback.format_exc()}")
     except BaseException:
         pass
+
+
+def _clear_own_frames(error: BaseException) -> None:
+    """Clear the locals of batchsync's finished frames on error's traceback (not the user's)."""
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals is globals():
+            try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
+                frame.clear()
+            except RuntimeError:
+                pass  # still executing (the _run frame itself): its locals are reset there
+        tb = tb.tb_next
 
 
 def _is_error(value: Any) -> bool:
@@ -123,9 +140,12 @@ def _collect(
 ) -> None:
     """Count a finished entry down on its latches; gather its futures and opened latches.
 
-    Called under the core's lock; _deliver then resolves what was gathered, outside it.
+    Called under the core's lock; _deliver then resolves what was gathered, outside it. The
+    waiters are taken from the entry, so a second pass (after an interrupted first one)
+    counts none of them twice.
     """
-    for w in entry.waiters:
+    waiters, entry.waiters = entry.waiters, []
+    for w in waiters:
         if type(w) is _Latch:
             w.remaining -= 1
             if not w.remaining:
@@ -138,7 +158,7 @@ def _tokens(chunk: list[_Entry]) -> list[object]:
     """The observer hook's tokens of a running chunk's callers, once each (for _hooks).
 
     Read outside the lock: a running entry's waiters only ever grow (callers joining late,
-    see _join), so the walk sees a consistent prefix of them.
+    see _join) or are replaced (taken by _finish), so the walk sees a consistent list.
     """
     seen: dict[int, object] = {}
     for entry in chunk:
@@ -150,29 +170,93 @@ def _tokens(chunk: list[_Entry]) -> list[object]:
 
 
 def _deliver(futures: list[tuple[Future[Any], _Entry]], latches: list[_Latch]) -> None:
-    """Resolve futures and open latches; called with no batchsync lock held. Never raises."""
-    for latch in latches:
-        latch.open()
+    """Resolve futures and open latches, emptying both lists; called with no batchsync lock held.
+
+    Every waiter is served even if an exception interrupts the loop (a signal handler that
+    raises on the main thread): the first such one is re-raised once all are delivered.
+    Each step is idempotent (a latch opens once, a done future refuses a second result),
+    and a waiter leaves its list only after it was served.
+    """
+    interrupt: BaseException | None = None
+    while latches or futures:
+        try:
+            while latches:
+                latches[-1].open()
+                latches.pop()
+            while futures:
+                fut, entry = futures[-1]
+                try:
+                    if entry.failed:
+                        fut.set_exception(entry.value)
+                    else:
+                        fut.set_result(entry.value)
+                except InvalidStateError:
+                    pass  # cancelled by its caller while still queued: nobody wants the value
+                except Exception:  # a done-callback raised past Future's own `except Exception`
+                    _last_resort("a future's done-callback raised")
+                futures.pop()
+        except BaseException as exc:  # an interrupt: serve the rest, then let it through
+            if interrupt is None:
+                interrupt = exc
+    if interrupt is not None:
+        _reraise(interrupt)
+
+
+def _reraise(exc: BaseException) -> None:
+    """Raise exc, without this frame holding it (no cycle exception -> traceback -> frame)."""
     try:
-        futures, called = _resolve_all(futures)
-    except BaseException:  # the loop below still resolves each future that is not done
-        _last_resort("resolving a batch of futures failed")
-        called = []
-    for finished in called:
+        raise exc
+    finally:
+        del exc
+
+
+# _DROP_ENTRIES: a batch function that raises on a caller's thread (inline, or nested) leaves
+# a traceback whose user frame links (f_back) to every frame down to the caller's. Were the
+# entries still referenced there, the error would hold itself (entry.value) in a cycle until
+# the cyclic collector runs; so each frame on that path drops its entries on the way out.
+
+#: Passes of _finish over one chunk before the delivery path reports itself broken.
+_FINISH_ATTEMPTS = 8
+
+#: Frames kept free below a nested load for the machinery that delivers its outcome.
+_HEADROOM = 150
+
+
+def _too_deep() -> bool:
+    """Return True when the stack is within _HEADROOM frames of the recursion limit.
+
+    A nested load (a batch function that loads) that ran the next call this deep could hit
+    RecursionError between taking a chunk and delivering it; it refuses to first.
+    """
+    limit = sys.getrecursionlimit()
+    try:
+        sys._getframe(max(1, limit - min(_HEADROOM, limit // 2)))
+    except ValueError:
+        return False
+    return True
+
+
+class _Abandoned:
+    """The message of BatcherClosed for a key that close(timeout=...) gave up on, built lazily.
+
+    The key's repr() is user code (it may raise, or query a database): it runs only when
+    the message is read (str() of the exception), never in close() nor under the core's lock.
+    """
+
+    __slots__ = ("key", "name")
+
+    def __init__(self, name: str, key: Any) -> None:
+        self.name, self.key = name, key
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+    def __str__(self) -> str:
         try:
-            finished._invoke_callbacks()
-        except BaseException:  # a done-callback raised past Future's own `except Exception`
-            _last_resort("a future's done-callback raised")
-    for fut, entry in futures:
-        try:
-            if entry.failed:
-                fut.set_exception(entry.value)
-            else:
-                fut.set_result(entry.value)
-        except InvalidStateError:
-            pass  # cancelled by its caller while still queued: nobody wants the value
-        except BaseException:  # a done-callback raised past Future's own `except Exception`
-            _last_resort("a future's done-callback raised")
+            shown = repr(self.key)
+        except Exception:
+            shown = f"<{type(self.key).__name__} object: repr() failed>"
+        return f"batchsync: Batcher {self.name!r} closed before key {shown} was answered"
 
 
 class _Core(Generic[K, V]):
@@ -193,7 +277,14 @@ class _Core(Generic[K, V]):
         inline: bool,
         name: str,
     ) -> None:
-        self.batch_fn = batch_fn
+        # A bound method is held weakly (its object holds the Batcher, which holds it): a
+        # worker thread, a GC root, must not keep `self.users = Batcher(self._fetch)` alive.
+        # The Batcher facade holds it strongly, so it lives exactly as long as the Batcher.
+        self._fn_ref: weakref.WeakMethod[Callable[[list[K]], Any]] | None = None
+        self.batch_fn: Callable[[list[K]], Any] | None = batch_fn
+        if isinstance(batch_fn, types.MethodType):
+            self._fn_ref = weakref.WeakMethod(batch_fn)
+            self.batch_fn = None
         self.window = window
         self.max_batch_size = max_batch_size
         self.max_concurrency = max_concurrency
@@ -212,6 +303,7 @@ class _Core(Generic[K, V]):
         """Give the core a fresh, empty state (at construction and in a forked child)."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._failure_log = _lograte.FailureLog()
         self._entries: dict[Hashable, _Entry] = {}  # queued and running, by mkey
         self._queue = Queue(self.window, self.max_batch_size, self.partition_fn is not None)
         self._closing = False
@@ -281,13 +373,12 @@ class _Core(Generic[K, V]):
                 if entry is not None and entry.state == _DONE:
                     futures.append(_resolved(entry.value, entry.failed))
                     continue
-                fut: _LoadFuture[V] = _LoadFuture()
+                fut: _LoadFuture[V] = _LoadFuture(self)
                 if entry is None:
                     entry = self._enqueue_locked(key, ident, mkey, part, memo)
                 elif entry.state == _RUNNING:
                     fut.set_running_or_notify_cancel()
                 _join(entry, fut)
-                fut._core = self
                 fut._entry = entry
                 if token is not None:
                     fut._token = token
@@ -379,7 +470,10 @@ class _Core(Generic[K, V]):
         out: list[V | None] = []
         for entry in slots:
             if entry.failed:
-                raise entry.value
+                try:
+                    raise entry.value
+                finally:  # break the cycle exception -> traceback -> this frame -> entries
+                    del entry, slots, waited, seen
             out.append(entry.value)
         return out
 
@@ -408,8 +502,10 @@ class _Core(Generic[K, V]):
             waiters = [latch]
             if entries.keys().isdisjoint(unique):  # no key queued or running: all new
                 waited = [_Entry(key, key, key, None, waiters) for key in unique]
-                entries.update(zip(unique, waited, strict=True))
+                # Queued before they are findable: an interrupt between the two calls leaves
+                # keys that are sent and answered, never findable entries that are not queued.
                 queue.extend(waited)
+                entries.update(zip(unique, waited, strict=True))
             else:
                 waited = []
                 for key in unique:
@@ -432,7 +528,10 @@ class _Core(Generic[K, V]):
         self._wait(waited, latch, timeout)
         for entry in waited:
             if entry.failed:
-                raise entry.value  # the first failed key's error, in key order
+                try:
+                    raise entry.value  # the first failed key's error, in key order
+                finally:  # break the cycle exception -> traceback -> this frame -> entries
+                    del entry, waited, unique
         if len(waited) == len(keys):  # no key twice: waited is in key order
             return [entry.value for entry in waited]
         unique = dict(zip(unique, waited, strict=True))
@@ -444,9 +543,13 @@ class _Core(Generic[K, V]):
 
     def _wait(self, waited: list[_Entry], latch: _Latch, timeout: float | None) -> None:
         """Block until latch opens for the entries of one get_many call, or time out."""
-        if not self.block_on(
-            waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout), latch
-        ):
+        try:
+            ok = self.block_on(
+                waited, lambda: latch.remaining == 0, timeout, lambda: latch.wait(timeout), latch
+            )
+        finally:
+            waited = []  # see _DROP_ENTRIES
+        if not ok:
             raise TimeoutError(f"batchsync: no result within {timeout} s")
 
     def _seen_locked(self, tid: int) -> None:
@@ -480,6 +583,12 @@ class _Core(Generic[K, V]):
                 return hit
         if memo is not None:
             entry: _Entry | None = memo.get(mkey)
+            if (
+                entry is not None
+                and entry.state != _DONE
+                and self._entries.get(mkey) is not entry
+            ):
+                entry = None  # queued or in flight in a parent process (a fork in a scope)
             if entry is not None and not (entry.state == _DONE and entry.failed):
                 if entry.state == _DONE:
                     self._cache_hits += 1
@@ -528,7 +637,14 @@ class _Core(Generic[K, V]):
         thread while a slot is free and the caller's own keys are still queued.
         """
         if _tls.worker or _tls.running:
-            self._help(entries, done)
+            try:
+                if timeout is None:
+                    self._help(entries, done)
+                else:  # leave on time: a worker runs the batch, this caller only waits
+                    self._refuse_cycle(entries)
+                    self.flush()
+            finally:
+                entries = []  # see _DROP_ENTRIES
             return wait()
         scoped = _scope_memo.get() is not None
         if not scoped and all(e.state != _QUEUED for e in entries):
@@ -537,7 +653,10 @@ class _Core(Generic[K, V]):
         if scoped:
             _activity.change(0, 1)
         try:
-            self._before_wait(entries, timeout, tid, latch)
+            try:
+                self._before_wait(entries, timeout, tid, latch)
+            finally:
+                entries = []  # see _DROP_ENTRIES
             return wait()
         finally:
             if scoped:
@@ -565,27 +684,41 @@ class _Core(Generic[K, V]):
         inline = self.inline and timeout is None
         i, n = 0, len(entries)
         first = True
-        while True:
-            while i < n and entries[i].state != _QUEUED:
-                i += 1
-            chunk = None
-            with self._lock:  # critical section: the dispatch rule, take a chunk or hand over
-                if first:
-                    self._waiting[tid] = self._waiting.get(tid, 0) + 1
-                    if latch is not None:
-                        latch.tid = tid
-                first = False
-                if i < n and self._queue.held and not self._company_locked(tid):
-                    self._queue.make_due()
-                if self._queue.due and self._active < self.max_concurrency:
-                    if inline and i < n:
-                        chunk = self._take_locked()
-                    else:
-                        self._cond.notify()
-            if chunk is None:
-                return
-            if chunk:
-                self._run(chunk, wake=False)
+        if inline and _too_deep():
+            inline = False  # no room below for running and delivering a call: hand it over
+        chunk: list[_Entry] | None = None
+        try:
+            while True:
+                while i < n and entries[i].state != _QUEUED:
+                    i += 1
+                chunk = None
+                try:
+                    with self._lock:  # critical section: the dispatch rule, take or hand over
+                        if first:
+                            self._waiting[tid] = self._waiting.get(tid, 0) + 1
+                            if latch is not None:
+                                latch.tid = tid
+                        first = False
+                        if i < n and self._queue.held and not self._company_locked(tid):
+                            self._queue.make_due()
+                        if self._queue.due and self._active < self.max_concurrency:
+                            if inline and i < n:
+                                chunk = self._take_locked()
+                            else:
+                                self._cond.notify()
+                    if chunk is None:
+                        return
+                    if chunk:
+                        self._run(chunk, wake=False)
+                except BaseException as exc:
+                    while chunk and chunk[0].slot:  # _unrun itself may be interrupted: again
+                        try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
+                            self._unrun(chunk, exc)
+                        except BaseException:
+                            pass
+                    raise
+        finally:
+            entries, chunk = [], None  # see _DROP_ENTRIES
 
     def _company_locked(self, tid: int) -> bool:
         """Return True when the open window should wait: someone may still add keys to it.
@@ -663,35 +796,107 @@ class _Core(Generic[K, V]):
         otherwise wait for a worker slot that it occupies itself (with max_concurrency=1,
         for ever). What remains after this runs on other threads, so the caller may wait.
         """
-        while not done():
-            with self._lock:  # critical section: take a chunk to run on this thread
-                # No slot check: a nested call borrows the slot of the call it runs in.
-                self._queue.make_due()
-                chunk = self._take_locked() if self._queue.due else None
-            if chunk is not None:
-                if chunk:
-                    self._run(chunk)
-                continue
-            mine = _tls.running or []
-            for entry in entries:
-                if entry.state == _RUNNING and any(entry in chunk for chunk in mine):
-                    raise BatchCycleError(
-                        f"batchsync: the batch function of {self.name!r} waited on key "
-                        f"{entry.key!r}, which its own running call is computing"
+        me = threading.current_thread()
+        chunk: list[_Entry] | None = None
+        try:
+            while not done():
+                if _too_deep():
+                    raise RecursionError(
+                        f"batchsync: nested loads of {self.name!r} too deep to run another call"
                     )
-            return  # what is left runs on other threads: the caller waits for it
+                chunk = None
+                try:
+                    with self._lock:  # critical section: take a chunk to run on this thread
+                        self._queue.make_due()
+                        # A call nested in one of this Batcher's own calls (or on its own worker)
+                        # borrows the slot of the call it runs in; nested in another Batcher's
+                        # call it takes a free slot like anyone, so max_concurrency holds.
+                        if self._queue.due and (
+                            self._active < self.max_concurrency
+                            or me in self._workers
+                            or self._runs_here_locked()
+                        ):
+                            chunk = self._take_locked()
+                        elif self._queue.due:
+                            self._cond.notify()
+                    if chunk is not None and chunk:
+                        self._run(chunk)
+                except BaseException as exc:
+                    while chunk and chunk[0].slot:  # _unrun itself may be interrupted: again
+                        try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
+                            self._unrun(chunk, exc)
+                        except BaseException:
+                            pass
+                    raise
+                if chunk is not None:
+                    continue
+                self._refuse_cycle(entries)
+                return  # what is left runs on other threads: the caller waits for it
+        finally:
+            entries, chunk = [], None  # see _DROP_ENTRIES
+
+    def _refuse_cycle(self, entries: list[_Entry]) -> None:
+        """Raise BatchCycleError if this thread's own running call computes one of entries."""
+        mine = _tls.running or []
+        for entry in entries:
+            if entry.state == _RUNNING and any(entry in chunk for chunk in mine):
+                raise BatchCycleError(
+                    f"batchsync: the batch function of {self.name!r} waited on key "
+                    f"{entry.key!r}, which its own running call is computing"
+                )
+
+    def _runs_here_locked(self) -> bool:
+        """Return True when this thread is computing one of this core's chunks right now."""
+        entries = self._entries
+        return any(chunk and entries.get(chunk[0].mkey) is chunk[0] for chunk in _tls.running or ())
+
+    def _unrun(self, chunk: list[_Entry] | None, exc: BaseException) -> None:
+        """Fail a chunk taken but not run (an interrupt came in between): free its slot."""
+        tries = 0
+        while tries < _FINISH_ATTEMPTS and chunk and chunk[0].slot:
+            tries += 1
+            try:  # noqa: SIM105 (no suppress(): a plain try is cheaper and has no call to interrupt)
+                self._finish_safely(chunk, (), exc, True)
+            except BaseException:
+                pass  # interrupted again; the caller raises the first interrupt
 
     # -- the worker loop ---------------------------------------------------------------------
 
     def _start_workers_locked(self) -> None:
         # Starting a thread under the lock is safe (the new thread only blocks on this lock
         # after Thread.start() has returned) and keeps close() from missing a worker.
+        # A thread is a worker once started: one that failed to start is never joined.
+        error: BaseException | None = None
         for i in range(self.max_concurrency - len(self._workers)):
-            thread = threading.Thread(
-                target=self._worker, name=f"batchsync-{self.name}-{i}", daemon=True
-            )
+            try:
+                thread = threading.Thread(
+                    target=self._worker, name=f"batchsync-{self.name}-{i}", daemon=True
+                )
+                thread.start()
+            except Exception as exc:  # "can't start new thread": fewer workers, or none
+                error = exc
+                continue
             self._workers.append(thread)
-            thread.start()
+        if error is not None and not self._workers:
+            self._fail_queued_locked(error)
+
+    def _fail_queued_locked(self, error: BaseException) -> None:
+        """No worker could start: fail every queued key with the error (the next load retries).
+
+        Only the calling load's keys can be queued here (any earlier ones were failed the
+        same way), so their futures are fresh, with no callbacks: they are resolved under
+        the lock, which is the only way to fail them before the call returns them.
+        """
+        futures: list[tuple[Future[Any], _Entry]] = []
+        latches: list[_Latch] = []
+        for entry in self._queue.clear():
+            entry.value, entry.failed, entry.state = error, True, _DONE
+            if self._entries.get(entry.mkey) is entry:
+                del self._entries[entry.mkey]
+            _collect(entry, futures, latches)
+        _deliver(futures, latches)
+
+    # -- the worker loop ---------------------------------------------------------------------
 
     def _worker(self) -> None:
         _tls.worker = True
@@ -702,6 +907,7 @@ class _Core(Generic[K, V]):
                 if chunk is None:
                     return
                 self._run(chunk)
+                chunk = None  # an idle worker holds no finished chunk (its keys, its error)
             except BaseException:  # _run delivers every error; this is a bug: keep serving
                 _last_resort(f"internal error in a worker of {self.name!r}")
 
@@ -749,47 +955,61 @@ class _Core(Generic[K, V]):
     def _take_locked(self) -> list[_Entry]:
         """Take the next chunk of due entries, drop cancelled ones, mark the rest running."""
         chunk = self._queue.take()
-        live = chunk
-        futures: list[Any] = []  # once running, a future can no longer be cancelled
-        shared = None
-        for entry in chunk:
-            entry.state = _RUNNING
-            entry.slot = True
-            waiters = entry.waiters
-            if waiters is shared:
-                continue  # the one list of a get_many call's new entries: a latch
-            if len(waiters) == 1:
-                waiter = waiters[0]
-                if type(waiter) is _Latch:
-                    shared = waiters
-                else:
-                    futures.append(waiter)
-            else:
-                futures += [w for w in waiters if type(w) is not _Latch]
-        stopped = _start_all(futures) if futures else None
-        if stopped:  # some were cancelled or finished by their callers: keep the rest
-            live = []
+        live = []
+        counted = False
+        try:
             for entry in chunk:
                 waiters = entry.waiters
-                if not stopped.isdisjoint(waiters):
-                    entry.waiters = waiters = [w for w in waiters if w not in stopped]
+                cancelled = False
+                if len(waiters) != 1 or type(waiters[0]) is not _Latch:  # any futures?
+                    for w in waiters:
+                        # Once running, a future can no longer be cancelled by its caller.
+                        if type(w) is _Latch:
+                            continue
+                        try:
+                            if not w.set_running_or_notify_cancel():
+                                cancelled = True
+                        except RuntimeError:
+                            # Completed by its own caller: skip it, serve the rest. (A future
+                            # running already was set so by an interrupted take: keep it.)
+                            if w.done():
+                                cancelled = True
+                if cancelled:
+                    entry.waiters = waiters = [
+                        w for w in waiters if type(w) is _Latch or not w.done()
+                    ]
                 if waiters:
                     live.append(entry)
-                else:  # every caller of this key cancelled: do not send it
+                elif entry.state == _QUEUED:  # every caller of this key cancelled: skip it
                     entry.state = _DONE
                     entry.failed = True
-                    entry.slot = False
-                    del self._entries[entry.mkey]
-        if live:
-            n = len(live)
-            self._active += 1
-            self._batches += 1
-            self._keys += n
-            self._running += n
-            if n > 1:
-                self._coalesced += n
-            if n > self._largest:
-                self._largest = n
+                    if self._entries.get(entry.mkey) is entry:
+                        del self._entries[entry.mkey]
+            for entry in live:
+                entry.state = _RUNNING
+            if live:
+                n = len(live)
+                self._active += 1
+                self._batches += 1
+                self._keys += n
+                self._running += n
+                counted = True
+                live[0].slot = True  # the chunk's slot: freed once, by _finish
+                if n > 1:
+                    self._coalesced += n
+                if n > self._largest:
+                    self._largest = n
+        except BaseException:
+            # Interrupted (a signal handler raised): nothing is taken, the chunk is due again.
+            if counted:
+                self._active -= 1
+                self._batches -= 1
+                self._keys -= len(live)
+                self._running -= len(live)
+            for entry in live:
+                entry.state, entry.slot = _QUEUED, False
+            self._queue.untake([e for e in chunk if e.state == _QUEUED])
+            raise
         if self._queue.due and self._active < self.max_concurrency:
             self._cond.notify()  # more due chunks: another free worker may take one
         return live
@@ -804,51 +1024,114 @@ class _Core(Generic[K, V]):
         error: BaseException | None = None
         values: Sequence[Any] = ()
         try:
-            running = _tls.running
-            if running is None:
-                running = _tls.running = []
-            running.append(chunk)
             started = time.perf_counter()
-            try:
-                keys = [e.key for e in chunk]
-                # A fresh, empty context: the call serves many callers, so it must see none
-                # of their context variables (request scope, app context), wherever it runs.
-                context = contextvars.Context()
-                if self.partition_fn is not None:
-                    context.run(_partition.set, chunk[0].partition)
-                # [hook call site 4 of 4] the batch call, wrapped with its callers' tokens.
-                hook = _hooks.installed
-                if hook is None:
-                    result = context.run(self.batch_fn, keys)
-                else:
-                    tokens = _tokens(chunk)
-                    part = chunk[0].partition
-                    result = context.run(
-                        hook.run_batch, self.name, keys, part, tokens, self.batch_fn
-                    )
-                values = self._match(chunk, result)
-            except BaseException as exc:  # delivered to the chunk's callers, never fatal here
-                error = exc
-            finally:
-                running.pop()
+            values, error = self._call(chunk)
             self._log(chunk, error, time.perf_counter() - started)
         except BaseException as exc:
             if error is None:
                 error, values = exc, ()
         finally:
-            self._finish_safely(chunk, values, error, wake)
+            interrupt: BaseException | None = None
+            tries = 0
+            while tries < _FINISH_ATTEMPTS and (
+                chunk[0].slot or chunk[-1].state != _DONE or chunk[-1].waiters
+            ):
+                tries += 1
+                try:
+                    self._finish_safely(chunk, values, error, wake)
+                except BaseException as exc:  # an interrupt: finish (again), then let it go
+                    if interrupt is None:
+                        interrupt = exc
+            try:
+                if interrupt is not None:
+                    raise interrupt
+            finally:
+                interrupt = None
+                # Break the cycles error -> traceback -> these frames -> the chunk, its keys
+                # and waiters, as concurrent.futures' worker does: a failed batch is freed
+                # by reference counting, not left to the cyclic collector.
+                if error is not None:
+                    _clear_own_frames(error)
+                chunk = values = error = None  # type: ignore[assignment]
+
+    def _call(self, chunk: list[_Entry]) -> tuple[Sequence[Any], BaseException | None]:
+        """Call the batch function for chunk: return (values, None) or ((), the error).
+
+        A frame of its own, finished when the chunk is delivered: the error's traceback
+        starts here, so _run can clear it (see _clear_own_frames) without losing the user's.
+        """
+        running = _tls.running
+        if running is None:
+            running = _tls.running = []
+        try:
+            running.append(chunk)  # inside the try: an interrupt here pops it again
+            keys = [e.key for e in chunk]
+            # A fresh, empty context: the call serves many callers, so it must see none
+            # of their context variables (request scope, app context), wherever it runs.
+            context = contextvars.Context()
+            if self.partition_fn is not None:
+                context.run(_partition.set, chunk[0].partition)
+            fn = self.batch_fn
+            if fn is None:
+                fn = self._batch_fn_of_owner()
+            # [hook call site 4 of 4] the batch call, wrapped with its callers' tokens.
+            hook = _hooks.installed
+            if hook is None:
+                result = context.run(fn, keys)
+            else:
+                tokens = _tokens(chunk)
+                part = chunk[0].partition
+                result = context.run(hook.run_batch, self.name, keys, part, tokens, fn)
+            return self._match(chunk, result), None
+        except BaseException as exc:  # delivered to the chunk's callers, never fatal here
+            return (), exc
+        finally:
+            if running and running[-1] is chunk:
+                running.pop()
+
+    def _batch_fn_of_owner(self) -> Callable[[list[K]], Any]:
+        """The batch function, a bound method held weakly (see _Core.__init__)."""
+        fn = None if self._fn_ref is None else self._fn_ref()
+        if fn is None:
+            raise BatcherClosed(
+                f"batchsync: Batcher {self.name!r} was collected with the object of its "
+                "batch method before this key was sent"
+            )
+        return fn
 
     def _log(self, chunk: list[_Entry], error: BaseException | None, elapsed: float) -> None:
         """Log one call; a logging filter or handler that raises is reported, never propagated."""
         try:
             if error is not None:
-                logger.error(
-                    "batchsync %s: batch of %d keys failed after %.6f s",
-                    self.name,
-                    len(chunk),
-                    elapsed,
-                    exc_info=error,
-                )
+                # Once with its traceback, then at most once per interval (see _lograte).
+                suppressed = self._failure_log.admit(time.monotonic())
+                if suppressed is None:
+                    logger.debug(
+                        "batchsync %s: batch of %d keys failed after %.6f s (%s; ERROR record "
+                        "left out by the rate limit)",
+                        self.name,
+                        len(chunk),
+                        elapsed,
+                        type(error).__name__,
+                    )
+                elif suppressed:
+                    logger.error(
+                        "batchsync %s: batch of %d keys failed after %.6f s (%d more failed "
+                        "batches not logged since the previous record)",
+                        self.name,
+                        len(chunk),
+                        elapsed,
+                        suppressed,
+                        exc_info=error,
+                    )
+                else:
+                    logger.error(
+                        "batchsync %s: batch of %d keys failed after %.6f s",
+                        self.name,
+                        len(chunk),
+                        elapsed,
+                        exc_info=error,
+                    )
             elif logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "batchsync %s: batch of %d keys in %.6f s", self.name, len(chunk), elapsed
@@ -859,14 +1142,46 @@ class _Core(Generic[K, V]):
     def _finish_safely(
         self, chunk: list[_Entry], values: Sequence[Any], error: BaseException | None, wake: bool
     ) -> None:
-        """_finish, and if that raises, fail what it left and free the slot; never raises."""
+        """_finish, and if that raises, fail what it left and free the slot, then deliver.
+
+        Both passes gather into the same lists, and _finish takes each entry's waiters as it
+        gathers them, so what the first pass gathered before it raised is still delivered
+        and nothing is counted twice. Only an interrupt (a signal handler raising) during
+        the delivery itself gets through, after every waiter was served.
+        """
+        # The loops test plain attributes, no calls: an interrupt (a signal handler that
+        # raises, which CPython runs at calls and loop back-edges) lands inside a try.
+        futures: list[tuple[Future[Any], _Entry]] = []
+        latches: list[_Latch] = []
+        interrupt: BaseException | None = None
+        tries = 0
         try:
-            self._finish(chunk, values, error, wake)
-        except BaseException as exc:
-            try:
-                self._finish(chunk, (), exc, wake)
-            except BaseException:
-                _last_resort(f"delivering a batch of {self.name!r} failed")
+            while tries < _FINISH_ATTEMPTS and (
+                chunk[0].slot or chunk[-1].state != _DONE or chunk[-1].waiters
+            ):
+                tries += 1
+                try:
+                    self._finish(chunk, values, error, wake, futures, latches)
+                except BaseException as exc:
+                    # The rest of the chunk fails with what broke the pass; an interrupt
+                    # (not an Exception: a signal handler raised) goes on once all is done.
+                    if interrupt is None and not isinstance(exc, Exception):
+                        interrupt = exc
+                    if error is None:
+                        error, values = exc, ()
+                    if tries == _FINISH_ATTEMPTS:
+                        _last_resort(f"delivering a batch of {self.name!r} failed")
+        finally:
+            tries = 0
+            while tries < _FINISH_ATTEMPTS and (latches or futures):
+                tries += 1
+                try:
+                    _deliver(futures, latches)
+                except BaseException as exc:
+                    if interrupt is None:
+                        interrupt = exc
+        if interrupt is not None:
+            _reraise(interrupt)
 
     def _match(self, chunk: list[_Entry], result: object) -> Sequence[Any]:
         """Return one value (or exception instance) per entry; BatchError on a broken contract."""
@@ -903,43 +1218,43 @@ class _Core(Generic[K, V]):
         values: Sequence[Any],
         error: BaseException | None,
         wake: bool,
+        futures: list[tuple[Future[Any], _Entry]],
+        latches: list[_Latch],
     ) -> None:
-        futures: list[tuple[Future[Any], _Entry]] = []
-        latches: list[_Latch] = []
+        """Publish a chunk's outcome, free its slot, gather its waiters (for _deliver)."""
         with self._lock:  # critical section: publish outcomes, forget entries, collect waiters
             if error is not None:
                 self._failed_batches += 1
+            n = len(chunk)
             if chunk and chunk[0].slot:  # _finish_safely may call twice: free the slot once
-                for entry in chunk:
-                    entry.slot = False
-                self._running -= len(chunk)
+                # No call among these three (an interrupt lands only at a call or a loop).
+                self._running -= n
                 self._active -= 1
+                chunk[0].slot = False
             if self._closing and not self._active:
                 self._cond.notify_all()  # the last call in flight: the workers may end
             elif wake and self._queue.due:
                 self._cond.notify()  # a slot is free for the next due chunk
-            entries, cache_all = self._entries, self.cache_all
-            outcomes = values if error is None else itertools.repeat(error)
-            for entry, value in zip(chunk, outcomes, strict=error is None):
-                if entry.state == _DONE:
-                    continue  # abandoned by close(timeout=...): its callers have their answer
-                entry.value = value
-                # type(), not isinstance(): see _is_error
-                entry.failed = failed = issubclass(type(value), BaseException)
-                entry.state = _DONE
-                mkey = entry.mkey
-                if entries.get(mkey) is entry:
-                    del entries[mkey]
-                if cache_all and not failed and not entry.uncached:
+            for i, entry in enumerate(chunk):
+                # Each step is idempotent: a pass interrupted anywhere is done again.
+                if entry.state != _DONE:  # DONE: abandoned by close(timeout=...), or published
+                    value = error if error is not None else values[i]
+                    entry.value = value
+                    entry.failed = error is not None or _is_error(value)
+                    entry.state = _DONE
+                if self._entries.get(entry.mkey) is entry:
+                    del self._entries[entry.mkey]
+                if self.cache_all and not entry.failed and not entry.uncached:
                     # setdefault: a prime() during the flight wins over the older value
-                    self._cache.setdefault(entry.mkey, value)
+                    self._cache.setdefault(entry.mkey, entry.value)
                 waiters = entry.waiters
                 if len(waiters) == 1 and type(waiters[0]) is _Latch:  # one get_many caller
                     latch = waiters[0]
                     latch.remaining -= 1
+                    entry.waiters = []  # taken: a second pass counts it no more
                     if not latch.remaining:
                         latches.append(latch)
-                else:
+                elif waiters:
                     _collect(entry, futures, latches)
             for latch in latches:
                 if latch.tid:  # answered: it runs again (and may bring keys) from now on
@@ -950,7 +1265,6 @@ class _Core(Generic[K, V]):
                 # again (they may be the very callers waiting on the held keys): send them.
                 self._queue.make_due()
                 self._cond.notify()
-        _deliver(futures, latches)
 
     # -- control -----------------------------------------------------------------------------
 
@@ -975,6 +1289,10 @@ class _Core(Generic[K, V]):
 
     def close(self, timeout: float | None) -> None:
         workers = self.close_nowait()
+        if _tls.running:
+            # Called from inside a batch function: waiting would count the caller's own call
+            # (inline, or nested) among those it waits for. The queue is still sent.
+            return
         end = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
         for thread in workers:
@@ -986,10 +1304,34 @@ class _Core(Generic[K, V]):
     def close_nowait(self) -> list[threading.Thread]:
         """Stop taking loads; the workers send what is queued and then end. Return them."""
         with self._lock:  # critical section: stop taking loads, make the queue due
-            self._closing = True
-            self._queue.make_due()
-            self._cond.notify_all()
-            return list(self._workers)
+            return self._close_locked()
+
+    def _close_locked(self) -> list[threading.Thread]:
+        self._closing = True
+        self._queue.make_due()
+        self._cond.notify_all()
+        return list(self._workers)
+
+    def collected(self) -> None:
+        """The Batcher was collected: close_nowait, without ever blocking on the core's lock.
+
+        The cyclic garbage collector may run this on any thread, also on a worker of this
+        core that holds the (non-reentrant) lock: then the close is handed to a new thread.
+        """
+        if self._fn_ref is not None and self.batch_fn is None:
+            self.batch_fn = self._fn_ref()  # keep the method for the queue still to send
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close_locked()
+            finally:
+                self._lock.release()
+            return
+        try:
+            threading.Thread(
+                target=self.close_nowait, name=f"batchsync-{self.name}-close", daemon=True
+            ).start()
+        except Exception:
+            self._closing = True  # no thread: loads are refused; workers see it as they wake
 
     def _abandon(self) -> None:
         """Fail every key still queued or running with BatcherClosed (close timed out)."""
@@ -1002,9 +1344,7 @@ class _Core(Generic[K, V]):
             for entry in entries:
                 entry.state = _DONE
                 entry.failed = True
-                entry.value = BatcherClosed(
-                    f"batchsync: Batcher {self.name!r} closed before key {entry.key!r} was answered"
-                )
+                entry.value = BatcherClosed(_Abandoned(self.name, entry.key))  # no repr() here
                 _collect(entry, futures, latches)
         _deliver(futures, latches)
 
