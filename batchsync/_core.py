@@ -121,6 +121,12 @@ def _is_error(value: Any) -> bool:
     return issubclass(type(value), BaseException)
 
 
+#: The waiters of a finished entry, once _finish took them: one shared empty list (a new
+#: list per key would be one more object per key for the garbage collector). Never changed:
+#: nobody joins a finished entry, and _join copies any list shorter than two.
+_TAKEN: list[Any] = []
+
+
 def _join(entry: _Entry, waiter: Any) -> None:
     """Add a waiter to an entry queued or running (called under the core's lock).
 
@@ -129,8 +135,8 @@ def _join(entry: _Entry, waiter: Any) -> None:
     Readers outside the lock (_tokens) see the old list or the new one, both consistent.
     """
     waiters = entry.waiters
-    if len(waiters) == 1:
-        entry.waiters = [waiters[0], waiter]
+    if len(waiters) < 2:
+        entry.waiters = [*waiters, waiter]
     else:
         waiters.append(waiter)
 
@@ -144,7 +150,7 @@ def _collect(
     waiters are taken from the entry, so a second pass (after an interrupted first one)
     counts none of them twice.
     """
-    waiters, entry.waiters = entry.waiters, []
+    waiters, entry.waiters = entry.waiters, _TAKEN
     for w in waiters:
         if type(w) is _Latch:
             w.remaining -= 1
@@ -955,13 +961,20 @@ class _Core(Generic[K, V]):
     def _take_locked(self) -> list[_Entry]:
         """Take the next chunk of due entries, drop cancelled ones, mark the rest running."""
         chunk = self._queue.take()
-        live = []
+        live: list[_Entry] = []
         counted = False
+        shared = None  # the one waiters list of a get_many call's new entries: a latch only
         try:
             for entry in chunk:
                 waiters = entry.waiters
+                if waiters is shared:
+                    entry.state = _RUNNING  # no call between this and append: see except
+                    live.append(entry)
+                    continue
                 cancelled = False
-                if len(waiters) != 1 or type(waiters[0]) is not _Latch:  # any futures?
+                if len(waiters) == 1 and type(waiters[0]) is _Latch:
+                    shared = waiters
+                else:  # futures among the waiters
                     for w in waiters:
                         # Once running, a future can no longer be cancelled by its caller.
                         if type(w) is _Latch:
@@ -979,14 +992,13 @@ class _Core(Generic[K, V]):
                         w for w in waiters if type(w) is _Latch or not w.done()
                     ]
                 if waiters:
+                    entry.state = _RUNNING
                     live.append(entry)
                 elif entry.state == _QUEUED:  # every caller of this key cancelled: skip it
                     entry.state = _DONE
                     entry.failed = True
                     if self._entries.get(entry.mkey) is entry:
                         del self._entries[entry.mkey]
-            for entry in live:
-                entry.state = _RUNNING
             if live:
                 n = len(live)
                 self._active += 1
@@ -1235,23 +1247,26 @@ class _Core(Generic[K, V]):
                 self._cond.notify_all()  # the last call in flight: the workers may end
             elif wake and self._queue.due:
                 self._cond.notify()  # a slot is free for the next due chunk
+            entries, cache_all, failed_all = self._entries, self.cache_all, error is not None
             for i, entry in enumerate(chunk):
                 # Each step is idempotent: a pass interrupted anywhere is done again.
                 if entry.state != _DONE:  # DONE: abandoned by close(timeout=...), or published
-                    value = error if error is not None else values[i]
+                    value = error if failed_all else values[i]
                     entry.value = value
-                    entry.failed = error is not None or _is_error(value)
+                    # type(), not isinstance(): see _is_error
+                    entry.failed = failed_all or issubclass(type(value), BaseException)
                     entry.state = _DONE
-                if self._entries.get(entry.mkey) is entry:
-                    del self._entries[entry.mkey]
-                if self.cache_all and not entry.failed and not entry.uncached:
+                mkey = entry.mkey
+                if entries.get(mkey) is entry:
+                    del entries[mkey]
+                if cache_all and not entry.failed and not entry.uncached:
                     # setdefault: a prime() during the flight wins over the older value
-                    self._cache.setdefault(entry.mkey, entry.value)
+                    self._cache.setdefault(mkey, entry.value)
                 waiters = entry.waiters
                 if len(waiters) == 1 and type(waiters[0]) is _Latch:  # one get_many caller
                     latch = waiters[0]
                     latch.remaining -= 1
-                    entry.waiters = []  # taken: a second pass counts it no more
+                    entry.waiters = _TAKEN  # taken: a second pass counts it no more
                     if not latch.remaining:
                         latches.append(latch)
                 elif waiters:
