@@ -417,17 +417,27 @@ def test_eager_never_waits_for_company() -> None:
         assert got == [10]
 
 
-@pytest.mark.timing
-@pytest.mark.parametrize("how", ["get", "get_many", "result"])
-def test_32_requests_released_together_share_one_call(how: str) -> None:
+def _32_requests(how: str, window: float) -> tuple[list[list[Any]], float]:
+    """32 request threads, released together, each ask one key of one Batcher.
+
+    Return the batch calls and how long after the first key was asked the first call began.
+    """
     rec = Recorder()
+    first_call: list[float] = []
+
+    def fn(keys: list[int]) -> list[int]:
+        first_call.append(time.monotonic())
+        return rec(keys)  # type: ignore[no-any-return]
+
     barrier = threading.Barrier(32)
     got: dict[int, Any] = {}
-    with Batcher(rec, window=0.05) as b:  # default options otherwise
+    asked: list[float] = []
+    with Batcher(fn, window=window) as b:  # default options otherwise
 
         def request(k: int) -> None:
             with scope():
                 barrier.wait(T)
+                asked.append(time.monotonic())
                 if how == "get":
                     got[k] = b.get(k, timeout=T)
                 elif how == "get_many":
@@ -441,7 +451,24 @@ def test_32_requests_released_together_share_one_call(how: str) -> None:
         for t in threads:
             t.join(T)
     assert got == {k: k * 10 for k in range(32)}
-    assert len(rec.calls) == 1 and sorted(rec.calls[0]) == list(range(32))
+    assert sorted(k for call in rec.calls for k in call) == list(range(32))
+    return rec.calls, first_call[0] - min(asked)
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("how", ["get", "get_many", "result"])
+def test_32_requests_released_together_share_one_call(how: str) -> None:
+    window = 0.05
+    for _ in range(5):
+        calls, waited = _32_requests(how, window)
+        if len(calls) == 1:
+            return
+        # More than one call is a fault of the dispatch rule only if the first call left
+        # before the window closed (the rule let it go while a request was still running).
+        # Sent at the window's close, the scheduler held a thread for all of 50 ms: that
+        # attempt says nothing about the rule, and the test tries again.
+        assert waited >= window * 0.9, f"sent after {waited:.3f} s in {len(calls)} calls"
+    pytest.fail("5 attempts: each time a thread was held up past the 50 ms window")
 
 
 def test_batch_function_runs_on_a_worker_unless_inline() -> None:
@@ -452,7 +479,10 @@ def test_batch_function_runs_on_a_worker_unless_inline() -> None:
         return keys
 
     me = threading.current_thread().name
-    with Batcher(fn, name="w") as worker, Batcher(fn, name="i", inline=True) as inline:
+    # A window no worker sees close: with the default 2 ms, a caller that a busy machine
+    # holds up between queueing and blocking finds a worker already running its call.
+    inline_b = Batcher(fn, name="i", inline=True, window=60)
+    with Batcher(fn, name="w") as worker, inline_b as inline:
         worker.get(1)
         inline.get(1)  # a lone blocking caller runs the call itself
         inline.get(2, timeout=T)  # with a timeout to honour, a worker runs it
