@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures._base import (  # the stdlib's own state names and logger
@@ -294,60 +294,3 @@ def resolved(value: Any, failed: bool) -> LoadFuture[Any]:
         fut._result = value
     fut._state = FINISHED
     return fut
-
-
-def start_all(futures: list[LoadFuture[Any]]) -> set[LoadFuture[Any]]:
-    """Mark futures running, as ``set_running_or_notify_cancel`` does; return those that did not.
-
-    One acquisition of the shared lock marks every future that has no Condition; the others
-    (and the cancelled ones) go through ``set_running_or_notify_cancel``, which tells their
-    waiters. A future that did not start was cancelled by its caller or finished by it.
-    """
-    slow: list[LoadFuture[Any]] = []
-    with _lock:  # critical section: pending futures without a Condition start here
-        for fut in futures:
-            if fut._cond is None and fut._state == PENDING:
-                fut._state = RUNNING
-            else:
-                slow.append(fut)
-    stopped: set[LoadFuture[Any]] = set()
-    for fut in slow:
-        try:
-            if not fut.set_running_or_notify_cancel():
-                stopped.add(fut)
-        except RuntimeError:  # finished by its own caller
-            stopped.add(fut)
-    return stopped
-
-
-def resolve_all(
-    outcomes: Sequence[tuple[Future[Any], Entry]],
-) -> tuple[list[tuple[Future[Any], Entry]], list[LoadFuture[Any]]]:
-    """Finish each future with its entry's value (raised if failed) under one lock acquisition.
-
-    Only LoadFutures without a Condition and not done are finished here; return the others
-    (to be set one by one with ``set_result``/``set_exception``, which tells their waiters)
-    and the finished futures that have done-callbacks to run (``_invoke_callbacks``; the
-    caller runs them, when no lock is held).
-    """
-    rest: list[tuple[Future[Any], Entry]] = []
-    called: list[LoadFuture[Any]] = []
-    with _lock:  # critical section: the state changes only; callbacks run after
-        for outcome in outcomes:
-            fut, entry = outcome
-            if (
-                type(fut) is LoadFuture
-                and fut._cond is None
-                and (fut._state == RUNNING or fut._state == PENDING)
-            ):
-                if entry.failed:
-                    fut._exception = entry.value
-                else:
-                    fut._result = entry.value
-                fut._state = FINISHED
-                fut._core = fut._entry = None  # see _set
-                if fut._callbacks is not None:
-                    called.append(fut)
-            else:
-                rest.append(outcome)
-    return rest, called
