@@ -413,25 +413,28 @@ class _Core(Generic[K, V]):
             entries, queue = self._entries, self._queue.entries
             was_open = self._queue.held > 0
             queued = len(queue)
-            for key in keys:
-                fut: _LoadFuture[V] = _LoadFuture(self)
-                entry = entries.get(key)
-                if entry is None:
-                    entry = entries[key] = _Entry(key, key, key, None, [fut])
-                    queue.append(entry)
-                else:  # queued or running (plain: no cache, so never done)
-                    self._deduplicated += 1
-                    if entry.state == _RUNNING:
-                        fut.set_running_or_notify_cancel()
-                    _join(entry, fut)
-                fut._entry = entry
-                if token is not None:
-                    fut._token = token
-                append(fut)
-            if len(queue) > queued:
-                if self._queue.pushed(was_open, time.monotonic()):
+            try:
+                for key in keys:
+                    fut: _LoadFuture[V] = _LoadFuture(self)
+                    entry = entries.get(key)
+                    if entry is None:
+                        entry = entries[key] = _Entry(key, key, key, None, [fut])
+                        queue.append(entry)
+                    else:  # queued or running (plain: no cache, so never done)
+                        self._deduplicated += 1
+                        if entry.state == _RUNNING:
+                            fut.set_running_or_notify_cancel()
+                        _join(entry, fut)
+                    fut._entry = entry
+                    if token is not None:
+                        fut._token = token
+                    append(fut)
+            finally:
+                # Also when a key's __hash__ or an interrupt stopped the loop half way: the
+                # keys queued so far get their window and a worker, or nobody would send them.
+                if len(queue) > queued and self._queue.pushed(was_open, time.monotonic()):
                     self._cond.notify()  # the window opened (a worker times it) or is full
-                if not self._workers:
+                if not self._workers and self._queue:
                     self._start_workers_locked()
         return futures
 
@@ -979,6 +982,12 @@ class _Core(Generic[K, V]):
                         # Once running, a future can no longer be cancelled by its caller.
                         if type(w) is _Latch:
                             continue
+                        if w.done() and not w.cancelled():
+                            # Finished by its own caller: skip it, serve the rest. Not through
+                            # set_running_or_notify_cancel, which would log CRITICAL first (a
+                            # logging filter that raises there must not stop the take).
+                            cancelled = True
+                            continue
                         try:
                             if not w.set_running_or_notify_cancel():
                                 cancelled = True
@@ -1021,6 +1030,8 @@ class _Core(Generic[K, V]):
             for entry in live:
                 entry.state, entry.slot = _QUEUED, False
             self._queue.untake([e for e in chunk if e.state == _QUEUED])
+            if self._queue.due:
+                self._cond.notify()  # a worker sends it: others may be blocked on these keys
             raise
         if self._queue.due and self._active < self.max_concurrency:
             self._cond.notify()  # more due chunks: another free worker may take one

@@ -23,6 +23,7 @@ outcome is stored before the state says FINISHED.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -48,6 +49,16 @@ V = TypeVar("V")
 
 # Guards the state of every LoadFuture that has no Condition yet, and the creation of one.
 _lock = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    # A thread of the parent may have held the lock at fork(); the child has no such thread.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 # Without the GIL (a free-threaded build) two attribute reads are not ordered with respect
 # to another thread's stores, so result() then reads state and outcome under the lock.
