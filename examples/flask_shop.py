@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 from typing import Any
 
 from flask import Flask, Response, abort
@@ -109,10 +110,16 @@ def create_app(dsn: str | None = None, *, pool_size: int | None = None) -> Flask
     )
     app.extensions["shop_pool"] = pool
 
+    opening = threading.Lock()
+
     @app.before_request
     def open_pool_in_this_process() -> None:
-        if pool.closed:  # the first request of this process: open() is idempotent
-            pool.open(wait=True, timeout=30.0)
+        if pool.closed:  # the first requests of this process
+            # One opens it and waits for its connections; the others wait for that, rather
+            # than use a pool that another thread is still opening.
+            with opening:
+                if pool.closed:
+                    pool.open(wait=True, timeout=30.0)
 
     batch = BatchSync(app)
     # cache="scope": a key loaded twice in one request is fetched once; nothing is kept
@@ -120,9 +127,7 @@ def create_app(dsn: str | None = None, *, pool_size: int | None = None) -> Flask
     # request runs; otherwise it waits up to the window for theirs to join the query.
     options: dict[str, Any] = {"cache": "scope", "window": 0.002, "max_concurrency": 2}
     customers = batch.register(pg.loader(pool, CUSTOMERS_SQL, key="id", **options))
-    orders = batch.register(
-        pg.loader(pool, ORDERS_SQL, key="customer_id", many=True, **options)
-    )
+    orders = batch.register(pg.loader(pool, ORDERS_SQL, key="customer_id", many=True, **options))
     items = batch.register(pg.loader(pool, ITEMS_SQL, key="order_id", many=True, **options))
 
     @app.get("/page/<int:number>/batched")

@@ -168,7 +168,10 @@ def test_preloaded_workers_through_pgbouncer_serve_only_right_pages(
     outcome.check(shop.truth, gunicorn.log())
     assert len(outcome.replies) >= 300  # else the deadline ran out first
     assert outcome.workers() == set(booted)  # each worker served
-    assert not [line for line in gunicorn.log() if "Traceback" in line or "ERROR" in line]
+    log = gunicorn.log()
+    assert not [line for line in log if "Traceback" in line or "ERROR" in line], "\n".join(
+        log[-80:]
+    )
 
 
 @pytest.mark.timing
